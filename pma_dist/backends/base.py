@@ -1,0 +1,64 @@
+"""The one interface between the averaging code and a training engine.
+
+A backend answers three questions for the :class:`~pma_dist.Merger`: which tensors does this
+rank own in master precision (the *shards*), how do they look in a checkpoint so that DCP can
+reshard them, and what must happen around an in-place overwrite of them. Everything else
+(schedule, math, swaps) is engine-independent, which is why adding an engine is one new file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+"""Name parts added by DDP, ``torch.compile`` and activation checkpointing; they are dropped so
+that state keys match between wrapped and unwrapped runs of the same model."""
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name with wrapper prefixes (``module.``, ``_orig_mod.``, ...) removed."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tensor this rank owns, in the precision the optimizer updates."""
+
+    name: str
+    """Canonical parameter name (or fragment name) that keys the checkpointed state."""
+    local: torch.Tensor
+    """The live values on this rank: read by snapshots, overwritten by swaps, in place."""
+    global_shape: tuple[int, ...]
+    """Shape of the whole tensor across ranks (for state validation across world sizes)."""
+    checkpoint_view: Callable[[torch.Tensor], torch.Tensor]
+    """Turns a buffer shaped like ``local`` into the object saved in a checkpoint: the buffer
+    itself when every rank holds the whole tensor, or a DTensor sharing its storage, laid out
+    like the parameter, so that ``torch.distributed.checkpoint`` reshards it on load."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Finds the local master-precision shards of a model and keeps working copies in sync.
+
+    ``shards()`` is called on every snapshot and swap rather than cached, because engines may
+    re-point parameters at new storage (FSDP2's lazy init, ``load_state_dict(assign=True)``);
+    the order and shapes of the returned shards must stay fixed for the life of a Merger.
+    """
+
+    def shards(self) -> list[Shard]:
+        """The shards this rank owns, in a fixed order."""
+        ...
+
+    def begin_write(self) -> None:
+        """Prepare for an in-place overwrite of the shards (e.g. drop unsharded FSDP copies)."""
+        ...
+
+    def end_write(self) -> None:
+        """Propagate overwritten shards to whatever the forward pass reads (e.g. fp16 copies)."""
+        ...

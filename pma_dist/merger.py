@@ -1,0 +1,357 @@
+"""The public object: a schedule, an averaging state and a backend glued together."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .averaging import (
+    AveragingState,
+    RunningAverage,
+    WindowAverage,
+    all_finite,
+    normalized_weights,
+    window_weights,
+)
+from .backends import Backend, select_backend
+from .config import METHODS, PMAConfig
+from .offload import empty_slot, slot_device
+from .schedule import SnapshotSchedule
+
+log = logging.getLogger("pma_dist")
+
+STATE_FORMAT = 1
+"""Version of the layout returned by :meth:`Merger.state_dict`."""
+
+
+class PMAStateError(ValueError):
+    """A saved averaging state does not fit this model or configuration; nothing was loaded."""
+
+
+class NonFiniteSnapshotError(RuntimeError):
+    """A snapshot held NaN/Inf and ``on_nonfinite="raise"``; raised on every rank alike."""
+
+
+class Merger:
+    """Keeps the pre-trained model average of this rank's shard, online and in place.
+
+    Call :meth:`step` after every optimizer step; it is a few integer operations unless a
+    snapshot is due. A snapshot copies (window mode) or lerps (running mode) the local shard
+    into fp32 slots with fused multi-tensor ops, with no communication beyond one scalar
+    all-reduce that makes every rank agree on skipping a non-finite snapshot.
+
+    The object is a DCP ``Stateful``: pass it in the state dict given to
+    ``torch.distributed.checkpoint.save``/``load`` beside the model and optimizer.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        config: PMAConfig | Mapping[str, Any] | None = None,
+        *,
+        backend: Backend | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if config is None:
+            raise ValueError(
+                "Merger(model, optimizer, config): config is required, e.g. "
+                "PMAConfig(method='sma', window=10, interval_tokens=4_000_000_000)"
+            )
+        self.config = config if isinstance(config, PMAConfig) else PMAConfig.from_dict(config)
+        self.backend = backend if backend is not None else select_backend(model, optimizer)
+        self.schedule = SnapshotSchedule.from_config(self.config)
+        self._group = process_group
+        self._has_optimizer = optimizer is not None
+        shards = self.backend.shards()
+        self.names = [s.name for s in shards]
+        """Names of the averaged tensors, in state order."""
+        self.global_shapes = [list(s.global_shape) for s in shards]
+        self._state = self._build_state([s.local for s in shards])
+        self.num_skipped = 0
+        """Snapshots left out because some rank's shard held NaN/Inf."""
+        self.history: deque[tuple[int, int]] = deque(maxlen=self.config.window or 1)
+        """``(step, tokens)`` at each snapshot in the window, oldest first."""
+        self._swap_active = False
+        if optimizer is not None and self.config.offload != "none":
+            optimizer.register_step_pre_hook(lambda *_: self._state.wait_device())
+
+    def _build_state(self, like: list[torch.Tensor]) -> AveragingState:
+        config = self.config
+        dtype = getattr(torch, config.dtype)
+        wider = sorted({str(t.dtype) for t in like if t.element_size() > dtype.itemsize})
+        if wider:
+            warnings.warn(
+                f"pma.dtype = {config.dtype!r} is lower precision than parameters of dtype "
+                f"{', '.join(wider)}; averages lose precision",
+                stacklevel=3,
+            )
+        if config.running:
+            return RunningAverage(
+                like, config.method, config.ema_alpha, dtype=dtype, offload=config.offload
+            )
+        return WindowAverage(like, config.window, dtype=dtype, offload=config.offload)
+
+    @property
+    def num_snapshots(self) -> int:
+        """Snapshots folded into the average so far (skipped ones not counted)."""
+        return self._state.count
+
+    @property
+    def window_size(self) -> int:
+        """Snapshots the merged model is currently made of (at most ``config.window``)."""
+        return len(self._state.logical_slots())
+
+    def step(self, tokens: Any = None) -> bool:
+        """Record one optimizer step; take a snapshot when one is due. True if one was taken.
+
+        ``tokens`` is the number of tokens this step consumed over all data-parallel ranks (the
+        same value on every rank); when omitted, ``config.tokens_per_step`` is used. Collective
+        when a snapshot is due, so call it on every rank.
+        """
+        if not self.schedule.advance(tokens):
+            return False
+        return self.snapshot()
+
+    def snapshot(self) -> bool:
+        """Take a snapshot now, whatever the schedule. Collective. False if it was skipped."""
+        if self._swap_active:
+            raise RuntimeError("Merger.snapshot() inside swapped(): the live weights are merged")
+        shards = self._local_tensors()
+        if self.config.on_nonfinite != "ignore" and not self._all_ranks_finite(shards):
+            where = f"step {self.schedule.steps_seen}, {self.schedule.tokens_seen} tokens"
+            if self.config.on_nonfinite == "raise":
+                raise NonFiniteSnapshotError(
+                    f"PMA snapshot at {where} holds NaN/Inf on at least one rank "
+                    "(pma.on_nonfinite = 'raise')"
+                )
+            self.num_skipped += 1
+            log.warning("PMA snapshot at %s skipped: NaN/Inf on at least one rank", where)
+            return False
+        self._state.snapshot(shards)
+        if not self._has_optimizer:
+            self._state.wait_host()
+        self.history.append((self.schedule.steps_seen, self.schedule.tokens_seen))
+        return True
+
+    @contextmanager
+    def swapped(
+        self, method: str | None = None, weights: Sequence[float] | None = None
+    ) -> Iterator[Merger]:
+        """Put the merged weights into the live parameters for the body; restore them bitwise.
+
+        The originals come back also when the body raises. ``method`` picks a weighting in
+        window mode (``"sma"``, ``"wma"``, ``"ema"``); ``weights`` gives one weight per
+        snapshot in the window, oldest first (normalized to sum to one). Not collective, but
+        an FSDP2 forward inside the body is, so enter it on every rank.
+        """
+        if self._swap_active:
+            raise RuntimeError("Merger.swapped() is already active; swaps do not nest")
+        resolved = self._weights(method, weights)
+        shards = self._local_tensors()
+        self._state.wait_device()
+        backup = [
+            empty_slot(t, t.dtype, slot_device(t.device, self.config.offload)) for t in shards
+        ]
+        for dst, src in zip(backup, shards):
+            dst.copy_(src)
+        self._swap_active = True
+        try:
+            self._write(lambda: self._state.merge_into(shards, resolved))
+            yield self
+        finally:
+            self._write(lambda: _copy_all(shards, backup))
+            self._swap_active = False
+
+    def apply(self, method: str | None = None, weights: Sequence[float] | None = None) -> None:
+        """Overwrite the live parameters with the merged weights (PMA-init, recovery).
+
+        The optimizer state is left as it is; the averaging state too, so later snapshots
+        continue the same window.
+        """
+        if self._swap_active:
+            raise RuntimeError("Merger.apply() inside swapped(): leave the swap first")
+        resolved = self._weights(method, weights)
+        shards = self._local_tensors()
+        self._state.wait_device()
+        self._write(lambda: self._state.merge_into(shards, resolved))
+
+    def merged_shards(
+        self, method: str | None = None, weights: Sequence[float] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The merged local shards as new tensors in the accumulation dtype, keyed by name."""
+        resolved = self._weights(method, weights)
+        shards = self._local_tensors()
+        out = [torch.empty(t.shape, dtype=self._state.dtype, device=t.device) for t in shards]
+        self._state.merge_into(out, resolved)
+        return dict(zip(self.names, out))
+
+    def _weights(self, method: str | None, weights: Sequence[float] | None) -> list[float]:
+        if method is not None and weights is not None:
+            raise ValueError("pass method= or weights=, not both")
+        if method is not None and method not in METHODS:
+            raise ValueError(f"method={method!r}: must be one of {', '.join(METHODS)}")
+        if self.num_snapshots == 0:
+            raise RuntimeError(
+                "no PMA snapshot has been taken yet: nothing to merge (the first one is due at "
+                f"{self.schedule.next_due} {self.schedule.unit})"
+            )
+        if self.config.running:
+            if weights is not None or method not in (None, self.config.method):
+                raise ValueError(
+                    f"running mode (pma.window = null) keeps a single {self.config.method!r} "
+                    f"average; method={method!r}/weights need window mode (pma.window = N)"
+                )
+            return [1.0]
+        n = self.window_size
+        if weights is not None:
+            return normalized_weights(weights, n)
+        return window_weights(method or self.config.method, n, self.config.ema_alpha)
+
+    def _local_tensors(self) -> list[torch.Tensor]:
+        return [s.local for s in self.backend.shards()]
+
+    def _write(self, fill) -> None:
+        self.backend.begin_write()
+        with torch.no_grad():
+            fill()
+        self.backend.end_write()
+
+    def _all_ranks_finite(self, shards: list[torch.Tensor]) -> bool:
+        flag = all_finite(shards)
+        group = self._group if self._group is not None else _default_group()
+        if group is not None:
+            device = _collective_device(group, flag.device)
+            flag = flag.to(device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        return bool(flag.item())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averaging state: slots as DTensors (or tensors) that DCP saves sharded."""
+        self._state.wait_host()
+        shards = self.backend.shards()
+        slots = {
+            str(k): {s.name: s.checkpoint_view(buf) for s, buf in zip(shards, slot)}
+            for k, slot in enumerate(self._state.slots)
+        }
+        return {
+            "meta": self._meta(),
+            "count": self._state.count,
+            "head": getattr(self._state, "head", 0),
+            "num_skipped": self.num_skipped,
+            "schedule": self.schedule.state_dict(),
+            "history": [list(h) for h in self.history],
+            "slots": slots,
+        }
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "mode": self._state.mode,
+            "window": self.config.window,
+            "running_method": self.config.method if self.config.running else None,
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.global_shapes],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict` output; validated in full before anything changes."""
+        self._check_compatible(state)
+        try:
+            sources = [
+                [_local(state["slots"][str(k)][name]) for name in self.names]
+                for k in range(len(self._state.slots))
+            ]
+        except KeyError as missing:
+            raise PMAStateError(f"PMA state is incomplete: no slot entry {missing}") from None
+        for k, (slot, srcs) in enumerate(zip(self._state.slots, sources)):
+            for i, (dst, src) in enumerate(zip(slot, srcs)):
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise PMAStateError(
+                        f"PMA state slot {k}, {self.names[i]!r}: local shape {tuple(src.shape)}, "
+                        f"this rank expects {tuple(dst.shape)}"
+                    )
+        self._state.wait_host()
+        with torch.no_grad():
+            for slot, srcs in zip(self._state.slots, sources):
+                for dst, src in zip(slot, srcs):
+                    if src.data_ptr() != dst.data_ptr() or src.numel() == 0:
+                        dst.copy_(src)
+        self._state.count = int(state["count"])
+        if isinstance(self._state, WindowAverage):
+            self._state.head = int(state["head"])
+        self.num_skipped = int(state["num_skipped"])
+        self.schedule.load_state_dict(dict(state["schedule"]))
+        self.history.clear()
+        self.history.extend(tuple(h) for h in state["history"])
+
+    def _check_compatible(self, state: Mapping[str, Any]) -> None:
+        missing = [k for k in ("meta", "count", "head", "slots", "schedule") if k not in state]
+        if missing:
+            raise PMAStateError(f"PMA state lacks {missing}: not a Merger.state_dict()")
+        saved, ours = state["meta"], self._meta()
+        if saved.get("format") != STATE_FORMAT:
+            raise PMAStateError(
+                f"PMA state format {saved.get('format')!r}, expected {STATE_FORMAT}"
+            )
+        for key, what in (
+            ("mode", "averaging mode"),
+            ("window", "pma.window"),
+            ("running_method", "running-mode pma.method"),
+        ):
+            if saved.get(key) != ours[key]:
+                raise PMAStateError(
+                    f"PMA state was saved with {what} = {saved.get(key)!r}, this Merger has "
+                    f"{ours[key]!r}; restart averaging or use the saved setting"
+                )
+        if (
+            list(saved["names"]) != ours["names"]
+            or [list(s) for s in saved["shapes"]] != ours["shapes"]
+        ):
+            pairs = zip(zip(saved["names"], saved["shapes"]), zip(ours["names"], ours["shapes"]))
+            first = next(((a, b) for a, b in pairs if list(a[1]) != b[1] or a[0] != b[0]), None)
+            raise PMAStateError(
+                f"PMA state is for another model: {len(saved['names'])} tensors saved, "
+                f"{len(ours['names'])} here; first difference (saved, here): {first}"
+            )
+        if int(state["count"]) < 0:
+            raise PMAStateError(f"PMA state count = {state['count']!r}: must be >= 0")
+
+
+def _local(tensor: Any) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    if not isinstance(tensor, torch.Tensor):
+        raise PMAStateError(f"PMA state slot holds {type(tensor).__name__}, expected a tensor")
+    return tensor
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    for d, s in zip(dst, src):
+        d.copy_(s)
+
+
+def _default_group() -> dist.ProcessGroup | None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def _collective_device(group: dist.ProcessGroup, hint: torch.device) -> torch.device:
+    """A device the group's backend can reduce on: the shard's, or CPU for gloo."""
+    if hint.type != "cpu":
+        return hint
+    if "gloo" in str(dist.get_backend(group)):
+        return hint
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())

@@ -1,0 +1,100 @@
+"""A tiny causal transformer with deliberately awkward parameter shapes, and its training step.
+
+Dimensions (vocab 37, ffn 41, a 3-element parameter) do not divide by 2 or 4, so FSDP2 shards
+are uneven and some ranks hold empty shards: the cases a shard-local average must get right.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB, DIM, HEADS, FFN, SEQ, LAYERS = 37, 24, 2, 41, 12, 2
+GLOBAL_BATCH = 8
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(DIM)
+        self.attn = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+        self.norm2 = nn.LayerNorm(DIM)
+        self.ff = nn.Sequential(nn.Linear(DIM, FFN), nn.GELU(), nn.Linear(FFN, DIM))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.ff(self.norm2(x))
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, DIM)
+        self.pos = nn.Parameter(torch.randn(SEQ, DIM) * 0.02)
+        self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
+        self.norm = nn.LayerNorm(DIM)
+        self.head = nn.Linear(DIM, VOCAB, bias=False)
+        self.mix = nn.Parameter(torch.ones(3))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)) * self.mix.mean()
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyLM:
+    """The same initial weights on every rank for a given seed."""
+    torch.manual_seed(seed)
+    return TinyLM().to(dtype)
+
+
+def shard_fsdp2(model: TinyLM, world_size: int) -> TinyLM:
+    """Apply FSDP2 ``fully_shard`` per block and at the root over a CPU mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def batch(step: int, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's slice of the global batch of ``step`` (same global batch at any world size)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    per_rank = GLOBAL_BATCH // world_size
+    return tokens[rank * per_rank : (rank + 1) * per_rank]
+
+
+def loss_of(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, rank: int, world_size: int
+) -> float:
+    """One forward/backward/optimizer step on the deterministic data; the local loss."""
+    loss = loss_of(model, batch(step, rank, world_size))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter gathered to a full tensor (collective under FSDP2), detached, cloned."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            out[name.replace("module.", "")] = full.detach().clone()
+    return out

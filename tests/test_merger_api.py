@@ -1,0 +1,130 @@
+"""The public Merger surface on a plain module, single process: guards, errors, state round trip."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from pma_dist import Merger, PMAConfig, PMAStateError
+from tests.support.models import full_state, make_model, train_step
+from tests.support.reference import assert_bitwise_equal, assert_close_rel, window_reference
+
+
+def _trained(window: int | None = 3, steps: int = 6, method: str = "sma", seed: int = 0):
+    model = make_model(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    merger = Merger(model, optimizer, PMAConfig(method=method, window=window, interval_steps=2))
+    snapshots = []
+    for step in range(steps):
+        train_step(model, optimizer, step, 0, 1)
+        if merger.step():
+            snapshots.append(full_state(model))
+    return model, optimizer, merger, snapshots
+
+
+def test_step_reports_snapshots_and_history() -> None:
+    _, _, merger, snapshots = _trained(steps=7)
+    assert merger.num_snapshots == len(snapshots) == 3
+    assert list(merger.history) == [(2, 0), (4, 0), (6, 0)]
+
+
+def test_guards_leave_live_weights_untouched() -> None:
+    model = make_model()
+    merger = Merger(model, None, {"window": 2, "interval_steps": 1})
+    before = full_state(model)
+    with pytest.raises(RuntimeError, match="no PMA snapshot"):
+        with merger.swapped():
+            pass
+    merger.step()
+    for kwargs, error in (
+        ({"method": "median"}, ValueError),
+        ({"weights": [1.0, 2.0]}, ValueError),
+        ({"method": "sma", "weights": [1.0]}, ValueError),
+    ):
+        with pytest.raises(error):
+            with merger.swapped(**kwargs):
+                pass
+    with merger.swapped():
+        with pytest.raises(RuntimeError, match="do not nest"):
+            with merger.swapped():
+                pass
+        with pytest.raises(RuntimeError, match="inside swapped"):
+            merger.apply()
+        with pytest.raises(RuntimeError, match="inside swapped"):
+            merger.snapshot()
+    assert_bitwise_equal(full_state(model), before, "after refused calls")
+
+
+def test_running_mode_refuses_other_methods() -> None:
+    model, _, merger, _ = _trained(window=None, method="ema")
+    with pytest.raises(ValueError, match="running mode"):
+        merger.apply("sma")
+    with pytest.raises(ValueError, match="running mode"):
+        merger.apply(weights=[1.0])
+    merger.apply("ema")
+
+
+def test_merged_shards_and_config_errors() -> None:
+    model, _, merger, snapshots = _trained()
+    merged = merger.merged_shards("wma")
+    assert_close_rel(merged, window_reference(snapshots, 3, "wma"), 1e-6, "merged_shards")
+    with pytest.raises(ValueError, match="config is required"):
+        Merger(model, None, None)
+    frozen = make_model()
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Merger(frozen, None, {"interval_steps": 1})
+
+
+def test_optimizer_param_groups_choose_what_is_averaged() -> None:
+    model = make_model()
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    assert Merger(model, optimizer, {"interval_steps": 1}).names == ["head.weight"]
+
+
+def test_state_round_trip_through_torch_save() -> None:
+    _, _, merger, _ = _trained(steps=10)
+    buffer = io.BytesIO()
+    torch.save(merger.state_dict(), buffer)
+    model2 = make_model(seed=5)
+    resumed = Merger(model2, None, PMAConfig(window=3, interval_steps=2))
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())))
+    assert (resumed.num_snapshots, list(resumed.history)) == (
+        merger.num_snapshots,
+        list(merger.history),
+    )
+    for method in ("sma", "wma", "ema"):
+        assert_bitwise_equal(resumed.merged_shards(method), merger.merged_shards(method), method)
+
+
+def test_incompatible_state_is_refused_and_nothing_changes() -> None:
+    _, _, merger, _ = _trained(steps=10)
+    good = merger.state_dict()
+    target_model = make_model(seed=3)
+    target = Merger(target_model, None, PMAConfig(window=3, interval_steps=2))
+    target.step(), target.step()
+    before = target.merged_shards()
+
+    other_window = Merger(make_model(), None, PMAConfig(window=4, interval_steps=2)).state_dict()
+    running = Merger(make_model(), None, PMAConfig(window=None, interval_steps=2)).state_dict()
+    small = torch.nn.Linear(3, 2)
+    other_model = Merger(small, None, PMAConfig(window=3, interval_steps=2)).state_dict()
+    truncated = {
+        **good,
+        "slots": {**good["slots"], "2": {k: v[:1] for k, v in good["slots"]["2"].items()}},
+    }
+    missing = {**good, "slots": {"0": good["slots"]["0"]}}
+    for bad, fragment in (
+        (other_window, "pma.window = 4"),
+        (running, "averaging mode = 'running'"),
+        (other_model, "another model"),
+        (truncated, "local shape"),
+        (missing, "incomplete"),
+        ({"count": 1}, "not a Merger.state_dict"),
+    ):
+        with pytest.raises(PMAStateError, match=fragment):
+            target.load_state_dict(bad)
+        assert target.num_snapshots == 1
+        assert_bitwise_equal(target.merged_shards(), before, f"after refusing {fragment}")

@@ -1,0 +1,89 @@
+"""Whole-tensor replicas (DDP) and the rank-agreed non-finite skip, on 2 real ranks."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pma_dist import Merger, NonFiniteSnapshotError, PMAConfig
+from tests.support.distributed import run_ranks
+from tests.support.models import batch, full_state, make_model, shard_fsdp2, train_step
+from tests.support.reference import assert_bitwise_equal, assert_close_rel, window_reference
+
+BAD_RANK = 1
+
+
+def _local_slots(merger: Merger) -> list[torch.Tensor]:
+    slots = merger.state_dict()["slots"].values()
+    return [t.to_local().clone() for slot in slots for t in slot.values()]
+
+
+def _poison(model: torch.nn.Module, value: float) -> tuple[torch.Tensor, float]:
+    """Write ``value`` into one element of the first non-empty local shard; return how to undo."""
+    with torch.no_grad():
+        for p in model.parameters():
+            local = p.to_local().view(-1)
+            if local.numel():
+                index = local.numel() // 2
+                old = local[index].item()
+                local[index] = value
+                return local[index : index + 1], old
+    raise AssertionError("no local shard on this rank")
+
+
+def _worker(rank: int, world_size: int) -> dict:
+    out: dict = {"taken": [], "strict": []}
+    ddp = DDP(make_model(seed=1))
+    optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+    merger = Merger(ddp, optimizer, PMAConfig(method="wma", window=3, interval_steps=1))
+    snapshots = []
+    for step in range(5):
+        train_step(ddp, optimizer, step, rank, world_size)
+        assert merger.step()
+        snapshots.append(full_state(ddp))
+    out["ddp_names"] = merger.names
+    with merger.swapped():
+        out["ddp_merged"] = full_state(ddp)
+    out["ddp_snapshots"] = snapshots
+
+    fsdp = shard_fsdp2(make_model(seed=2), world_size)
+    fsdp_opt = torch.optim.SGD(fsdp.parameters(), lr=0.1)
+    with torch.no_grad():
+        fsdp(batch(0, rank, world_size)[:, :-1])  # leaves the root unsharded (FSDP2 default)
+    skip = Merger(fsdp, fsdp_opt, PMAConfig(window=2, interval_steps=1))
+    strict = Merger(fsdp, fsdp_opt, PMAConfig(window=None, interval_steps=1, on_nonfinite="raise"))
+    for step in range(3):
+        train_step(fsdp, fsdp_opt, step, rank, world_size)
+        assert skip.step() and strict.step()
+    before = _local_slots(skip) + _local_slots(strict)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        undo = _poison(fsdp, value) if rank == BAD_RANK else None
+        out["taken"].append(skip.snapshot())
+        try:
+            strict.snapshot()
+            out["strict"].append("accepted")
+        except NonFiniteSnapshotError as err:
+            out["strict"].append(str(err))
+        if undo is not None:
+            with torch.no_grad():
+                undo[0].fill_(undo[1])
+    out["counts"] = (skip.num_snapshots, skip.num_skipped, strict.num_snapshots)
+    after = _local_slots(skip) + _local_slots(strict)
+    out["slots_unchanged"] = all(torch.equal(a, b) for a, b in zip(after, before))
+    out["accepted_after"] = (skip.snapshot(), strict.snapshot())
+    return out
+
+
+def test_ddp_parity_and_rank_agreed_nonfinite_skip() -> None:
+    r0, r1 = run_ranks(_worker, 2)
+    assert "embed.weight" in r0["ddp_names"], r0["ddp_names"]
+    assert not any(n.startswith("module.") for n in r0["ddp_names"]), "DDP prefix leaked"
+    assert_bitwise_equal(r0["ddp_merged"], r1["ddp_merged"], "DDP replicas")
+    expected = window_reference(r0["ddp_snapshots"], 3, "wma")
+    assert_close_rel(r0["ddp_merged"], expected, 1e-6, "DDP wma")
+    for r in (r0, r1):
+        assert r["taken"] == [False, False, False]
+        assert r["counts"] == (3, 3, 3)
+        assert r["slots_unchanged"]
+        assert r["accepted_after"] == (True, True)
+        assert len(r["strict"]) == 3 and all("NaN/Inf" in s for s in r["strict"]), r["strict"]
