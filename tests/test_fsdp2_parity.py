@@ -94,8 +94,12 @@ def test_fsdp2_merges_match_float64_reference(world_size: int) -> None:
     plain.load_state_dict(swaps["merged_for_logits"])
     with torch.no_grad():
         expected_logits = plain(swaps["probe"])
-    assert_close_rel({"logits": swaps["logits_inside"]}, {"logits": expected_logits}, 1e-5, "forward")
-    assert_bitwise_equal({"l": swaps["logits_after"]}, {"l": swaps["logits_before"]}, "forward after")
+    assert_close_rel(
+        {"logits": swaps["logits_inside"]}, {"logits": expected_logits}, 1e-5, "forward"
+    )
+    assert_bitwise_equal(
+        {"l": swaps["logits_after"]}, {"l": swaps["logits_before"]}, "forward after"
+    )
     assert_bitwise_equal(swaps["after_raise"], swaps["before"], "restore after a raising body")
     assert_close_rel(swaps["inside"], window_reference(snapshots, WINDOW, "wma"), 1e-6, "swap")
     assert_close_rel(swaps["applied"], window_reference(snapshots, WINDOW, "sma"), 1e-6, "apply")
