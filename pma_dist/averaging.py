@@ -56,6 +56,14 @@ def running_weight(method: str, k: int, alpha: float = 0.2) -> float:
     raise ValueError(f"method={method!r}: must be one of sma, wma, ema")
 
 
+def ring_order(count: int, head: int, window: int) -> list[int]:
+    """Physical slots of a ring of ``window`` holding ``count`` snapshots, oldest first;
+    ``head`` is the slot the next snapshot will overwrite."""
+    if count < window:
+        return list(range(count))
+    return [(head + i) % window for i in range(window)]
+
+
 def normalized_weights(weights: Sequence[float], n: int) -> list[float]:
     """User weights for ``n`` snapshots (oldest first), scaled to sum to one."""
     values = [float(w) for w in weights]
@@ -216,9 +224,7 @@ class WindowAverage(AveragingState):
         self.count += 1
 
     def logical_slots(self) -> list[int]:
-        if self.count < self.window:
-            return list(range(self.count))
-        return [(self.head + i) % self.window for i in range(self.window)]
+        return ring_order(self.count, self.head, self.window)
 
     def default_weights(self, method: str, alpha: float) -> list[float]:
         return window_weights(method, len(self.logical_slots()), alpha)

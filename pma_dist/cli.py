@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import PMAConfig, PMAConfigError
+from .export.atomic import ExportError
 
 
 def _config(args: argparse.Namespace) -> int:
@@ -32,6 +33,40 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import convert_to_hf
+
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    out = convert_to_hf(
+        args.source,
+        args.out,
+        config=args.config,
+        method=args.method,
+        dtype=args.dtype,
+        pma_key=args.pma_key,
+        model_key=args.model_key,
+        tokenizer=tokenizer,
+        max_shard_size=args.max_shard_size,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .export import verify_export
+
+    problems = verify_export(args.path, load_tensors=not args.quick)
+    for problem in problems:
+        print(f"{args.path}: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{args.path}: OK")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pma-dist", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pma-dist {__version__}")
@@ -45,6 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("checkpoint", help="directory written by torch.distributed.checkpoint")
     inspect.add_argument("--key", default="pma", help="state-dict key the Merger was saved under")
     inspect.set_defaults(run=_inspect)
+    export = commands.add_parser(
+        "export",
+        help="write a Hugging Face directory from a DCP export or a checkpoint's PMA state",
+    )
+    export.add_argument("source", help="DCP directory: a pma_dist DCP export or a checkpoint")
+    export.add_argument("out", help="Hugging Face directory to write (replaced atomically)")
+    export.add_argument("--config", required=True, help="config.json, or a directory holding it")
+    export.add_argument("--method", choices=["sma", "wma", "ema"], help="merge (window mode)")
+    export.add_argument("--dtype", help="cast the weights, e.g. bfloat16")
+    export.add_argument("--pma-key", default="pma", help="key the Merger was saved under")
+    export.add_argument("--model-key", default="model", help="key the model was saved under")
+    export.add_argument("--tokenizer", help="directory of tokenizer files to include")
+    export.add_argument("--max-shard-size", default="5GB", help="largest safetensors file")
+    export.set_defaults(run=_export)
+    verify = commands.add_parser("verify", help="check an export against its manifest and load it")
+    verify.add_argument("path", help="export directory")
+    verify.add_argument("--quick", action="store_true", help="headers only, do not read tensors")
+    verify.set_defaults(run=_verify)
     return parser
 
 
@@ -52,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (PMAConfigError, FileNotFoundError, KeyError) as err:
+    except (PMAConfigError, FileNotFoundError, KeyError, ExportError, ValueError) as err:
         print(f"pma-dist {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from .averaging import (
     window_weights,
 )
 from .backends import Backend, select_backend
+from .comm import collective_device, default_group
 from .config import METHODS, PMAConfig
 from .offload import empty_slot, slot_device
 from .schedule import SnapshotSchedule
@@ -69,6 +71,7 @@ class Merger:
         self.config = config if isinstance(config, PMAConfig) else PMAConfig.from_dict(config)
         self.backend = backend if backend is not None else select_backend(model, optimizer)
         self.schedule = SnapshotSchedule.from_config(self.config)
+        self._model = model
         self._group = process_group
         self._has_optimizer = optimizer is not None
         shards = self.backend.shards()
@@ -194,6 +197,36 @@ class Merger:
         self._state.merge_into(out, resolved)
         return dict(zip(self.names, out))
 
+    def export(
+        self,
+        path: str | Path,
+        format: str = "hf",
+        method: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        weights: Sequence[float] | None = None,
+        **options: Any,
+    ) -> Path:
+        """Write the merged model to ``path`` (``"hf"`` safetensors or ``"dcp"``). Collective.
+
+        Streams one tensor at a time and replaces ``path`` only once the new export is whole;
+        see :func:`pma_dist.export.export_model` for ``options`` (config, tokenizer,
+        max_shard_size, ...). The live weights are restored bitwise afterwards.
+        """
+        from .export import export_model
+
+        info = {
+            "pma": {
+                "method": "weights" if weights is not None else method or self.config.method,
+                "mode": self._state.mode,
+                "num_snapshots": self.num_snapshots,
+                "window_size": self.window_size,
+                "history": [list(h) for h in self.history],
+            }
+        }
+        with self.swapped(method, weights):
+            return export_model(self._model, path, format=format, dtype=dtype, info=info, **options)
+
     def _weights(self, method: str | None, weights: Sequence[float] | None) -> list[float]:
         if method is not None and weights is not None:
             raise ValueError("pass method= or weights=, not both")
@@ -227,9 +260,9 @@ class Merger:
 
     def _all_ranks_finite(self, shards: list[torch.Tensor]) -> bool:
         flag = all_finite(shards)
-        group = self._group if self._group is not None else _default_group()
+        group = self._group if self._group is not None else default_group()
         if group is not None:
-            device = _collective_device(group, flag.device)
+            device = collective_device(group, flag.device)
             flag = flag.to(device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
         return bool(flag.item())
@@ -258,6 +291,7 @@ class Merger:
             "mode": self._state.mode,
             "window": self.config.window,
             "running_method": self.config.method if self.config.running else None,
+            "config": self.config.to_dict(),
             "names": list(self.names),
             "shapes": [list(s) for s in self.global_shapes],
         }
@@ -339,19 +373,3 @@ def _local(tensor: Any) -> torch.Tensor:
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     for d, s in zip(dst, src):
         d.copy_(s)
-
-
-def _default_group() -> dist.ProcessGroup | None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
-
-
-def _collective_device(group: dist.ProcessGroup, hint: torch.device) -> torch.device:
-    """A device the group's backend can reduce on: the shard's, or CPU for gloo."""
-    if hint.type != "cpu":
-        return hint
-    if "gloo" in str(dist.get_backend(group)):
-        return hint
-    accelerator = torch.accelerator.current_accelerator()
-    return torch.device(accelerator.type, torch.accelerator.current_device_index())

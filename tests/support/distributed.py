@@ -1,8 +1,8 @@
 """Run a function on several real ranks (spawned processes, gloo) with a hard deadline.
 
 Each rank writes its return value (``torch.save``) or its traceback to a file; the parent
-waits for all of them, kills every rank on the first failure or at the deadline, and raises
-with the failing rank's traceback, so a broken collective fails a test instead of hanging CI.
+waits for all of them, kills every rank on the first failure or at the deadline, and reports,
+so a broken collective fails a test instead of hanging CI.
 """
 
 from __future__ import annotations
@@ -15,11 +15,21 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 COLLECTIVE_TIMEOUT_S = 60
 """Every collective of a test rank fails after this long instead of waiting forever."""
+
+
+@dataclass
+class RankOutcome:
+    """How one rank ended: its exit code, and its return value or traceback."""
+
+    exitcode: int | None
+    result: Any = None
+    error: str | None = None
 
 
 def free_port() -> int:
@@ -30,7 +40,13 @@ def free_port() -> int:
 
 
 def _rank_main(
-    fn: Callable[..., Any], rank: int, world_size: int, port: int, out: str, args: tuple
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    port: int,
+    out: str,
+    collective_timeout: float,
+    args: tuple,
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -49,7 +65,7 @@ def _rank_main(
             "gloo",
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+            timeout=datetime.timedelta(seconds=collective_timeout),
         )
         result = fn(rank, world_size, *args)
         torch.save(result, result_path.with_suffix(".tmp"))
@@ -60,13 +76,20 @@ def _rank_main(
         os._exit(1)
 
 
-def run_ranks(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300
-) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; their return values.
+def run_rank_outcomes(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300,
+    collective_timeout: float = COLLECTIVE_TIMEOUT_S,
+    stop_on_failure: bool = True,
+) -> list[RankOutcome]:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; how each one ended.
 
-    ``fn`` must be importable by name (a module-level function). Raises ``RuntimeError`` with
-    the traceback of the first failing rank, or on the deadline ``timeout`` (seconds).
+    ``fn`` must be importable by name (a module-level function). With ``stop_on_failure`` the
+    other ranks are killed as soon as one fails; without it they run until they end on their
+    own (e.g. to see that survivors of a killed rank fail by themselves). Ranks still running
+    at ``timeout`` seconds are killed and have ``exitcode`` None.
     """
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -74,7 +97,11 @@ def run_ranks(
     os.environ["OMP_NUM_THREADS"] = "1"
     with tempfile.TemporaryDirectory(prefix="pma_ranks_") as out:
         procs = [
-            ctx.Process(target=_rank_main, args=(fn, r, world_size, port, out, args), daemon=True)
+            ctx.Process(
+                target=_rank_main,
+                args=(fn, r, world_size, port, out, collective_timeout, args),
+                daemon=True,
+            )
             for r in range(world_size)
         ]
         try:
@@ -86,12 +113,14 @@ def run_ranks(
             else:
                 os.environ["OMP_NUM_THREADS"] = saved_threads
         deadline = time.monotonic() + timeout
+        timed_out = set()
         try:
             while any(p.is_alive() for p in procs):
-                if any(p.exitcode not in (None, 0) for p in procs):
+                if stop_on_failure and any(p.exitcode not in (None, 0) for p in procs):
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{fn.__name__} on {world_size} ranks exceeded {timeout}s")
+                    timed_out = {r for r, p in enumerate(procs) if p.is_alive()}
+                    break
                 for p in procs:
                     p.join(timeout=0.05)
         finally:
@@ -100,17 +129,35 @@ def run_ranks(
                     p.kill()
             for p in procs:
                 p.join(timeout=10)
-        errors = sorted(Path(out).glob("rank*.err"))
-        if errors:
-            raise RuntimeError(
-                f"{fn.__name__} failed on {world_size} ranks:\n"
-                + "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in errors)
-            )
-        bad = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-        if bad:
-            raise RuntimeError(f"{fn.__name__}: ranks exited abnormally (rank, code): {bad}")
         import torch
 
-        return [
-            torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world_size)
-        ]
+        outcomes = []
+        for r, p in enumerate(procs):
+            result_path, error_path = Path(out) / f"rank{r}.pt", Path(out) / f"rank{r}.err"
+            outcomes.append(
+                RankOutcome(
+                    exitcode=None if r in timed_out else p.exitcode,
+                    result=torch.load(result_path, weights_only=False)
+                    if result_path.exists()
+                    else None,
+                    error=error_path.read_text() if error_path.exists() else None,
+                )
+            )
+        return outcomes
+
+
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300
+) -> list[Any]:
+    """Like :func:`run_rank_outcomes`, but every rank must succeed: their return values.
+
+    Raises ``RuntimeError`` with the traceback of every failing rank.
+    """
+    outcomes = run_rank_outcomes(fn, world_size, *args, timeout=timeout)
+    errors = [f"--- rank {r} ---\n{o.error}" for r, o in enumerate(outcomes) if o.error]
+    if errors:
+        raise RuntimeError(f"{fn.__name__} failed on {world_size} ranks:\n" + "\n".join(errors))
+    bad = [(r, o.exitcode) for r, o in enumerate(outcomes) if o.exitcode != 0]
+    if bad:
+        raise RuntimeError(f"{fn.__name__}: ranks ended abnormally (rank, exit code): {bad}")
+    return [o.result for o in outcomes]

@@ -1,0 +1,70 @@
+"""The few collectives pma_dist needs, usable with or without an initialized process group.
+
+Without a process group (a single process) every call degenerates to the local answer, so the
+same code serves a one-GPU run, a unit test and a 1000-rank job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def default_group() -> dist.ProcessGroup | None:
+    """The world group when more than one rank is running, else ``None``."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def rank(group: dist.ProcessGroup | None = None) -> int:
+    """This process's rank in ``group`` (0 without a process group)."""
+    group = group if group is not None else default_group()
+    return dist.get_rank(group) if group is not None else 0
+
+
+def world_size(group: dist.ProcessGroup | None = None) -> int:
+    """Ranks in ``group`` (1 without a process group)."""
+    group = group if group is not None else default_group()
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def collective_device(group: dist.ProcessGroup, hint: torch.device) -> torch.device:
+    """A device the group's backend can reduce on: ``hint`` unless it is CPU under NCCL-like
+    backends, which need the current accelerator."""
+    if hint.type != "cpu" or "gloo" in str(dist.get_backend(group)):
+        return hint
+    accelerator = torch.accelerator.current_accelerator()
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def all_true(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
+    """True when ``flag`` is true on every rank (one scalar all-reduce)."""
+    group = group if group is not None else default_group()
+    if group is None:
+        return flag
+    value = torch.tensor(float(flag), device=collective_device(group, torch.device("cpu")))
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return bool(value.item())
+
+
+def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
+    """``obj`` from rank ``src`` on every rank."""
+    group = group if group is not None else default_group()
+    if group is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, src), group=group)
+    return box[0]
+
+
+def gather_objects(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    group = group if group is not None else default_group()
+    if group is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

@@ -1,0 +1,226 @@
+"""Materialize a model on demand: streaming, atomic exports to Hugging Face safetensors or DCP.
+
+:func:`export_model` writes whatever weights a live model holds now (``Merger.export`` calls it
+inside ``swapped()``, so they are the merged ones); it is collective over the model's ranks.
+:func:`convert_to_hf` turns a DCP export, or a training checkpoint holding a Merger's state,
+into a Hugging Face directory offline, in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import comm
+from .atomic import ExportError, abort, check_target, commit, ensure_space, make_temp_dir
+from .hf import HFPlan, HFWriter, converter, plan_hf, write_index, write_model_files
+from .manifest import MANIFEST
+from .sources import iter_full_tensors, meta_state, module_state
+from .verify import verify_export
+
+__all__ = ["ExportError", "MANIFEST", "convert_to_hf", "export_model", "verify_export"]
+
+FORMATS = ("hf", "dcp")
+Body = Callable[[Path], dict]
+
+
+def export_model(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    format: str = "hf",
+    dtype: torch.dtype | str | None = None,
+    config: Any = None,
+    tokenizer: Any = None,
+    generation_config: Any = None,
+    max_shard_size: int | str = "5GB",
+    original_format: bool = True,
+    info: dict | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write ``model``'s current weights to ``path`` atomically. Collective.
+
+    ``format="hf"``: safetensors files (sharded with an index above ``max_shard_size``), plus
+    ``config.json`` (with ``dtype``), generation config and tokenizer files for transformers
+    models (or the ``config``/``tokenizer`` given); loadable with ``from_pretrained``. Tensors
+    are gathered one at a time and each output file is written by one rank.
+    ``format="dcp"``: each rank writes its own shards with ``torch.distributed.checkpoint``,
+    no gather; loadable at any world size and convertible with :func:`convert_to_hf`.
+    ``dtype`` casts the weights (default: as they are). ``original_format`` keeps the
+    architecture's hub names (e.g. per-expert MoE weights) rather than the in-memory ones.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: must be one of {', '.join(FORMATS)}")
+    dtype = parse_dtype(dtype)
+    state = module_state(model)
+    rank, world = comm.rank(), comm.world_size()
+    if format == "dcp":
+        return _atomic(
+            Path(path),
+            lambda temp: _write_dcp(state, temp, dtype),
+            None,
+            {"kind": "dcp", "dtype": _name(dtype), **(info or {})},
+        )
+    convert = converter(model, original_format)
+    plan = plan_hf(
+        meta_state(state), model, dtype=dtype, max_shard_size=max_shard_size, convert=convert
+    )
+
+    def body(temp: Path) -> dict:
+        tensors = iter_full_tensors(state, plan.sources)
+        return stream_hf(plan, tensors, temp, rank, world, convert, progress)
+
+    def seal(temp: Path) -> None:
+        write_index(temp, plan)
+        write_model_files(temp, model, dtype, config, tokenizer, generation_config)
+
+    return _atomic(Path(path), body, seal, _hf_info(plan, dtype, info))
+
+
+def stream_hf(
+    plan: HFPlan,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    temp: Path,
+    rank: int,
+    world: int,
+    convert,
+    progress: bool,
+) -> dict:
+    """Feed ``tensors`` (full, in plan order) to this rank's writer; the writer's error, if any.
+
+    The walk over ``tensors`` continues after a write error so that collective gathers stay
+    in step on every rank.
+    """
+    writer = HFWriter(plan, temp, rank, world, convert, progress)
+    try:
+        ensure_space(temp, sum(size for f, size in plan.file_sizes().items() if f in writer.mine))
+    except ExportError as err:
+        writer.error = str(err)
+    for name, tensor in tensors:
+        writer.add(name, tensor)
+    return {"error": writer.error, "files": writer.finish()}
+
+
+def _atomic(target: Path, body: Body, seal: Callable[[Path], None] | None, info: dict) -> Path:
+    """Run ``body`` on every rank into a temporary directory, then ``seal`` and commit it on
+    rank 0. Any failure on any rank raises ``ExportError`` on every rank and removes the
+    temporary directory; an existing export at ``target`` is untouched until the commit."""
+    target = target.absolute()
+    rank = comm.rank()
+    temp, error = None, None
+    if rank == 0:
+        try:
+            check_target(target)
+            temp = make_temp_dir(target)
+        except (ExportError, OSError) as err:
+            error = str(err)
+    temp_name, error = comm.broadcast_object((str(temp) if temp else None, error))
+    if error:
+        raise ExportError(error)
+    temp = Path(temp_name)
+    try:
+        reports = comm.gather_objects(body(temp))
+        errors = [r["error"] for r in reports if r.get("error")]
+        if errors:
+            raise ExportError(f"export to {target} failed: {errors[0]}")
+        known = {name: entry for r in reports for name, entry in r.get("files", {}).items()}
+        error = None
+        if rank == 0:
+            try:
+                if seal is not None:
+                    seal(temp)
+                commit(temp, target, info, known)
+            except (ExportError, OSError) as err:
+                error = f"export to {target} failed while sealing it: {err}"
+        error = comm.broadcast_object(error)
+        if error:
+            raise ExportError(error)
+    except BaseException:
+        if rank == 0:
+            abort(temp)
+        raise
+    return target
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.bfloat16``, ``"bfloat16"`` or ``"torch.bfloat16"`` to a dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype={dtype!r}: not a torch dtype (e.g. 'bfloat16', 'float32')")
+    return value
+
+
+def _name(dtype: torch.dtype | None) -> str | None:
+    return str(dtype).replace("torch.", "") if dtype is not None else None
+
+
+def _hf_info(plan: HFPlan, dtype: torch.dtype | None, info: dict | None) -> dict:
+    return {
+        "kind": "hf",
+        "dtype": _name(dtype),
+        "tensors": len(plan.outputs),
+        "total_size": plan.total_size,
+        **(info or {}),
+    }
+
+
+def _write_dcp(state: dict[str, torch.Tensor], temp: Path, dtype: torch.dtype | None) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    tensors = {k: v.detach() for k, v in state.items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    try:
+        dcp.save(tensors, checkpoint_id=str(temp))
+    except OSError as err:
+        return {"error": str(err)}
+    return {}
+
+
+def convert_to_hf(
+    source: str | Path,
+    path: str | Path,
+    *,
+    config: Any,
+    method: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    pma_key: str = "pma",
+    model_key: str = "model",
+    tokenizer: Any = None,
+    max_shard_size: int | str = "5GB",
+    original_format: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Write a Hugging Face directory from a DCP checkpoint, in this process alone.
+
+    ``source`` is a pma_dist DCP export, or a training checkpoint saved with
+    ``dcp.save({model_key: ..., pma_key: merger, ...})``: then the merge is computed here from
+    the saved snapshots (``method`` as in ``Merger.swapped``), with parameters that were not
+    averaged taken from ``model_key``. ``config`` is a transformers config, or a path to a
+    directory or file holding ``config.json``, naming the architecture.
+    """
+    from .offline import OfflineSource
+
+    dtype = parse_dtype(dtype)
+    offline = OfflineSource(
+        Path(source), config, method=method, pma_key=pma_key, model_key=model_key
+    )
+    convert = converter(offline.model, original_format)
+    plan = plan_hf(
+        offline.meta(), offline.model, dtype=dtype, max_shard_size=max_shard_size, convert=convert
+    )
+
+    def body(temp: Path) -> dict:
+        return stream_hf(plan, offline.tensors(plan.sources), temp, 0, 1, convert, progress)
+
+    def seal(temp: Path) -> None:
+        write_index(temp, plan)
+        write_model_files(temp, offline.model, dtype, offline.config, tokenizer)
+
+    return _atomic(Path(path), body, seal, _hf_info(plan, dtype, {"source": offline.describe()}))

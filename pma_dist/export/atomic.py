@@ -1,0 +1,106 @@
+"""Write a directory so that it appears whole or not at all.
+
+Files go into a hidden temporary sibling of the target; each is fsynced as it is written. At
+commit a checksum manifest is written last, the temporary directory is fsynced and renamed onto
+the target. An existing export at the target is moved aside only then, and deleted after the
+rename, so a crash at any point leaves either the old export or the new one under the target
+name (and, in the narrow window between the two renames, the old one beside it as
+``.NAME.pma-old-*``). A directory without a manifest is never an export.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from .manifest import MANIFEST, write_manifest
+
+TEMP_MARK = ".pma-tmp-"
+OLD_MARK = ".pma-old-"
+
+
+class ExportError(RuntimeError):
+    """An export could not be written; any existing export at the target is unchanged."""
+
+
+def check_target(target: Path) -> None:
+    """Refuse targets an export must not replace: a file, an unrelated non-empty directory, or
+    a place this process cannot write."""
+    if target.is_file() or target.is_symlink() and not target.is_dir():
+        raise ExportError(f"export path {target} is a file; give a directory path")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
+        raise ExportError(
+            f"export path {target} is a non-empty directory that is not a pma_dist export "
+            f"(no {MANIFEST}); choose another path or remove it"
+        )
+    parent = target.parent
+    if not parent.is_dir():
+        raise ExportError(f"export path {target}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"export path {target}: parent directory {parent} is not writable")
+
+
+def make_temp_dir(target: Path) -> Path:
+    """A fresh hidden sibling of ``target``; leftovers of crashed exports to it are removed."""
+    for stale in target.parent.glob(f".{target.name}{TEMP_MARK}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    temp = target.parent / f".{target.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
+    temp.mkdir()
+    return temp
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory entry to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ensure_space(directory: Path, needed: int) -> None:
+    """Fail before writing when the file system has less than ``needed`` bytes free."""
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise ExportError(
+            f"not enough disk space in {directory}: {needed:,} bytes needed, {free:,} free"
+        )
+
+
+def describe_os_error(err: OSError, path: Path) -> ExportError:
+    """An ``ExportError`` that says what went wrong writing ``path`` in words."""
+    if err.errno == errno.ENOSPC:
+        return ExportError(f"disk full while writing {path}")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ExportError(f"no permission to write {path}: {err.strerror}")
+    return ExportError(f"could not write {path}: {err}")
+
+
+def commit(temp: Path, target: Path, info: dict, known: dict[str, dict] | None = None) -> None:
+    """Seal ``temp`` with a manifest and move it onto ``target`` (see the module docstring).
+
+    ``known``: manifest entries (bytes, sha256) of files already hashed by their writers.
+    """
+    write_manifest(temp, info, known)
+    for path in temp.rglob("*"):
+        if path.is_file():
+            fsync_path(path)
+    fsync_path(temp)
+    old = None
+    if target.exists():
+        check_target(target)
+        old = target.parent / f".{target.name}{OLD_MARK}{uuid.uuid4().hex[:12]}"
+        os.rename(target, old)
+    os.rename(temp, target)
+    fsync_path(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def abort(temp: Path | None) -> None:
+    """Remove a temporary directory after a failed export."""
+    if temp is not None:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -1,0 +1,125 @@
+"""Tensors of a model read back from a DCP checkpoint, one at a time, in one process.
+
+Two kinds of checkpoint are understood: a pma_dist DCP export (the model's tensors under their
+own names), and a training checkpoint that holds a Merger's state under ``pma_key`` beside the
+model under ``model_key``, from which the merge is computed here exactly as the Merger would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..averaging import ring_order, window_weights
+from ..inspect_state import read_entries
+from .atomic import ExportError
+from .sources import module_state, read_dcp_tensor
+
+
+def _load_config(config: Any):
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    path = Path(config)
+    return AutoConfig.from_pretrained(path.parent if path.is_file() else path)
+
+
+class OfflineSource:
+    """A meta model of the architecture named by ``config`` and the checkpoint's tensors."""
+
+    def __init__(
+        self, source: Path, config: Any, *, method: str | None, pma_key: str, model_key: str
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.source = source
+        self.config = _load_config(config)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config)
+        self.names = module_state(self.model)
+        values, self.pma_tensors = read_entries(source, f"{pma_key}.")
+        _, self.all_tensors = read_entries(source, "")
+        self.pma_key, self.model_key = pma_key, model_key
+        self.order: list[int] = []
+        self.weights: list[float] = []
+        self.method = None
+        self.averaged: set[str] = set()
+        if self.pma_tensors:
+            self._plan_merge(values, method)
+
+    def _plan_merge(self, values: dict[str, Any], method: str | None) -> None:
+        saved = {
+            k[len("meta.config.") :]: v for k, v in values.items() if k.startswith("meta.config.")
+        }
+        mode, count = values["meta.mode"], int(values["count"])
+        if count == 0:
+            raise ExportError(f"{self.source}: the PMA state holds no snapshot yet")
+        self.averaged = set(values["meta.names"])
+        if mode == "running":
+            if method not in (None, saved["method"]):
+                raise ExportError(
+                    f"{self.source}: running-mode state averages with {saved['method']!r}; "
+                    f"method={method!r} needs a window-mode state"
+                )
+            self.order, self.weights, self.method = [0], [1.0], saved["method"]
+            return
+        self.method = method or saved["method"]
+        self.order = ring_order(count, int(values["head"]), int(values["meta.window"]))
+        self.weights = window_weights(self.method, len(self.order), saved["ema_alpha"])
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "checkpoint": str(self.source),
+            "method": self.method,
+            "snapshots_merged": len(self.order),
+        }
+
+    def _key(self, name: str) -> str:
+        for key in (name, f"{self.model_key}.{name}"):
+            if key in self.all_tensors:
+                return key
+        raise ExportError(f"{self.source}: no tensor {name!r} (nor {self.model_key}.{name!r})")
+
+    def _averaged(self, name: str) -> bool:
+        return name in self.averaged
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        """Meta tensors with the checkpoint's dtype for each of the model's tensors."""
+        out = {}
+        for name, tensor in self.names.items():
+            if self._averaged(name):
+                shape, dtype = self.pma_tensors[f"slots.0.{name}"]
+            else:
+                shape, dtype = self.all_tensors[self._key(name)]
+            if tuple(shape) != tuple(tensor.shape):
+                raise ExportError(
+                    f"{self.source}: {name!r} has shape {tuple(shape)} in the checkpoint, "
+                    f"{tuple(tensor.shape)} in the architecture of the given config"
+                )
+            out[name] = torch.empty(shape, dtype=dtype, device="meta")
+        return out
+
+    def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            if self._averaged(name):
+                yield name, self._merge(name)
+            else:
+                key = self._key(name)
+                yield name, read_dcp_tensor(self.source, key, *self.all_tensors[key])
+
+    def _merge(self, name: str) -> torch.Tensor:
+        """The weighted sum of the saved slots, in the order and precision the Merger uses."""
+        acc = None
+        for slot, weight in zip(self.order, self.weights):
+            fqn = f"{self.pma_key}.slots.{slot}.{name}"
+            shape, dtype = self.all_tensors[fqn]
+            value = read_dcp_tensor(self.source, fqn, shape, dtype)
+            if acc is None:
+                acc = value.mul_(weight)
+            else:
+                acc.add_(value, alpha=weight)
+        return acc

@@ -1,0 +1,67 @@
+"""Tiny transformers models (Llama dense, Mixtral MoE with grouped experts) built offline."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+VOCAB, SEQ, BATCH = 96, 16, 4
+
+
+def hf_config(kind: str):
+    """A config whose sizes do not divide by 2 or 4, so FSDP2 shards are uneven."""
+    from transformers import LlamaConfig, MixtralConfig
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    if kind == "llama":
+        return LlamaConfig(intermediate_size=88, tie_word_embeddings=True, **common)
+    if kind == "mixtral":
+        return MixtralConfig(
+            intermediate_size=40,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            tie_word_embeddings=False,
+            **common,
+        )
+    raise ValueError(kind)
+
+
+def make_hf_model(kind: str, seed: int = 0) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(hf_config(kind), attn_implementation="eager").float()
+
+
+def shard_hf_fsdp2(model: nn.Module, world_size: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def hf_batch(step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5000 + step)
+    tokens = torch.randint(0, VOCAB, (BATCH * 2, SEQ), generator=g)
+    per_rank = tokens.shape[0] // world_size
+    return tokens[rank * per_rank : (rank + 1) * per_rank]
+
+
+def hf_train_step(model: nn.Module, optimizer, step: int, rank: int, world_size: int) -> float:
+    tokens = hf_batch(step, rank, world_size)
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
