@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 		else $(PYTHON) -m venv $(VENV); fi; }
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c $(CONSTRAINTS) torch
 	$(PY) -m pip install -q -e ".[dev]"
+	@# DeepSpeed builds from source against the torch above: no build isolation.
+	@$(PY) -c "import deepspeed" 2>/dev/null || \
+		DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16"
 	@touch $@
 
 lint: $(STAMP)
@@ -28,13 +31,15 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check pma_dist tests benchmarks launch
 
 test: lint
-	$(PY) -m pytest -q -m "not gpu"
+	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(PY) -m pytest -q -m "not gpu"
 
 demo: $(STAMP)
 	NPROC=$(NPROC) PYTHON=$(PY) bash launch/run_quickstart.sh
 
 bench: $(STAMP)
 	$(PY) benchmarks/snapshot_bandwidth.py --out bench_results/snapshot.json
+	$(PY) benchmarks/export_throughput.py --out bench_results/export.json
+	DS_ACCELERATOR=cpu $(PY) benchmarks/deepspeed_overhead.py --out bench_results/deepspeed.json
 
 clean:
 	rm -rf $(VENV) bench_results runs .pytest_cache .ruff_cache

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import comm
 from .averaging import (
     AveragingState,
     RunningAverage,
@@ -25,6 +26,7 @@ from .averaging import (
 from .backends import Backend, select_backend
 from .comm import collective_device, default_group
 from .config import METHODS, PMAConfig
+from .errors import NonFiniteSnapshotError, PMAStateError
 from .offload import empty_slot, slot_device
 from .schedule import SnapshotSchedule
 
@@ -32,14 +34,6 @@ log = logging.getLogger("pma_dist")
 
 STATE_FORMAT = 1
 """Version of the layout returned by :meth:`Merger.state_dict`."""
-
-
-class PMAStateError(ValueError):
-    """A saved averaging state does not fit this model or configuration; nothing was loaded."""
-
-
-class NonFiniteSnapshotError(RuntimeError):
-    """A snapshot held NaN/Inf and ``on_nonfinite="raise"``; raised on every rank alike."""
 
 
 class Merger:
@@ -73,7 +67,8 @@ class Merger:
         self.schedule = SnapshotSchedule.from_config(self.config)
         self._model = model
         self._group = process_group
-        self._has_optimizer = optimizer is not None
+        self._has_optimizer = hasattr(optimizer, "register_step_pre_hook")
+        self._pending_tokens: int | None = None
         shards = self.backend.shards()
         self.names = [s.name for s in shards]
         """Names of the averaged tensors, in state order."""
@@ -84,7 +79,7 @@ class Merger:
         self.history: deque[tuple[int, int]] = deque(maxlen=self.config.window or 1)
         """``(step, tokens)`` at each snapshot in the window, oldest first."""
         self._swap_active = False
-        if optimizer is not None and self.config.offload != "none":
+        if self._has_optimizer and self.config.offload != "none":
             optimizer.register_step_pre_hook(lambda *_: self._state.wait_device())
 
     def _build_state(self, like: list[torch.Tensor]) -> AveragingState:
@@ -117,12 +112,26 @@ class Merger:
         """Record one optimizer step; take a snapshot when one is due. True if one was taken.
 
         ``tokens`` is the number of tokens this step consumed over all data-parallel ranks (the
-        same value on every rank); when omitted, ``config.tokens_per_step`` is used. Collective
-        when a snapshot is due, so call it on every rank.
+        same value on every rank); when omitted, the sum of :meth:`add_tokens` since the last
+        step, else ``config.tokens_per_step``. Collective when a snapshot is due, so call it on
+        every rank.
         """
+        if tokens is None and self._pending_tokens is not None:
+            tokens = self._pending_tokens
+        self._pending_tokens = None
         if not self.schedule.advance(tokens):
             return False
         return self.snapshot()
+
+    def add_tokens(self, tokens: int) -> None:
+        """Count ``tokens`` (global, this micro-batch) towards the next :meth:`step`.
+
+        For loops where the step is taken elsewhere (DeepSpeed engines, gradient accumulation):
+        call it per micro-batch; the next ``step()`` without ``tokens=`` uses the sum.
+        """
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"add_tokens({tokens!r}): tokens must be a non-negative integer")
+        self._pending_tokens = (self._pending_tokens or 0) + tokens
 
     def snapshot(self) -> bool:
         """Take a snapshot now, whatever the schedule. Collective. False if it was skipped."""
@@ -272,18 +281,35 @@ class Merger:
         self._state.wait_host()
         shards = self.backend.shards()
         slots = {
-            str(k): {s.name: s.checkpoint_view(buf) for s, buf in zip(shards, slot)}
+            str(k): {
+                s.name: s.checkpoint_view(buf) for s, buf in zip(shards, slot) if s.checkpoint_view
+            }
             for k, slot in enumerate(self._state.slots)
         }
+        if any(s.checkpoint_view is None for s in shards):
+            raise TypeError(
+                f"{type(self.backend).__name__} shards have no DCP form; save the averaging "
+                "state with Merger.save(directory) (or the engine's save_checkpoint)"
+            )
+        return {"meta": self._meta(), **self._counters(), "slots": slots}
+
+    def _counters(self) -> dict[str, Any]:
         return {
-            "meta": self._meta(),
             "count": self._state.count,
             "head": getattr(self._state, "head", 0),
             "num_skipped": self.num_skipped,
             "schedule": self.schedule.state_dict(),
             "history": [list(h) for h in self.history],
-            "slots": slots,
         }
+
+    def _set_counters(self, state: Mapping[str, Any]) -> None:
+        self._state.count = int(state["count"])
+        if isinstance(self._state, WindowAverage):
+            self._state.head = int(state["head"])
+        self.num_skipped = int(state["num_skipped"])
+        self.schedule.load_state_dict(dict(state["schedule"]))
+        self.history.clear()
+        self.history.extend(tuple(h) for h in state["history"])
 
     def _meta(self) -> dict[str, Any]:
         return {
@@ -319,19 +345,61 @@ class Merger:
                 for dst, src in zip(slot, srcs):
                     if src.data_ptr() != dst.data_ptr() or src.numel() == 0:
                         dst.copy_(src)
-        self._state.count = int(state["count"])
-        if isinstance(self._state, WindowAverage):
-            self._state.head = int(state["head"])
-        self.num_skipped = int(state["num_skipped"])
-        self.schedule.load_state_dict(dict(state["schedule"]))
-        self.history.clear()
-        self.history.extend(tuple(h) for h in state["history"])
+        self._set_counters(state)
 
-    def _check_compatible(self, state: Mapping[str, Any]) -> None:
-        missing = [k for k in ("meta", "count", "head", "slots", "schedule") if k not in state]
-        if missing:
-            raise PMAStateError(f"PMA state lacks {missing}: not a Merger.state_dict()")
-        saved, ours = state["meta"], self._meta()
+    def save(self, directory: str | Path) -> Path:
+        """Write the averaging state as one file per rank under ``directory``. Collective.
+
+        The files describe each slot as runs of parameter elements, so :meth:`load` reshards
+        them to any world size or layout (DeepSpeed ZeRO stages, FSDP2, whole tensors).
+        """
+        from .state_files import write_rank_file
+
+        directory = Path(directory)
+        if comm.rank(self._group) == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+        comm.broadcast_object(None, group=self._group)
+        self._state.wait_host()
+        header = {"meta": self._portable_meta(), "counters": self._counters()}
+        write_rank_file(
+            directory,
+            comm.rank(self._group),
+            comm.world_size(self._group),
+            header,
+            self.backend.shards(),
+            self._state.slots,
+        )
+        comm.gather_objects(None, group=self._group)
+        return directory
+
+    def load(self, directory: str | Path) -> None:
+        """Resume from :meth:`save` output written under any layout; checked in full (settings,
+        parameter names and shapes, every element covered) before anything changes."""
+        from .state_files import apply_copies
+
+        files, copies = self._plan_load(Path(directory))
+        self._state.wait_host()
+        with torch.no_grad():
+            for k, slot in enumerate(self._state.slots):
+                apply_copies(files, copies, k, slot)
+        self._set_counters(files[0]["counters"])
+
+    def check_saved(self, directory: str | Path) -> None:
+        """Raise ``PMAStateError`` unless :meth:`load` would succeed; changes nothing."""
+        self._plan_load(Path(directory))
+
+    def _plan_load(self, directory: Path):
+        from .state_files import plan_copies, read_rank_files
+
+        files = read_rank_files(directory)
+        self._compare_settings(files[0]["meta"], self._portable_meta())
+        return files, plan_copies(files, self.backend.shards())
+
+    def _portable_meta(self) -> dict[str, Any]:
+        meta = self._meta()
+        return {k: meta[k] for k in ("format", "mode", "window", "running_method", "config")}
+
+    def _compare_settings(self, saved: Mapping[str, Any], ours: Mapping[str, Any]) -> None:
         if saved.get("format") != STATE_FORMAT:
             raise PMAStateError(
                 f"PMA state format {saved.get('format')!r}, expected {STATE_FORMAT}"
@@ -346,6 +414,13 @@ class Merger:
                     f"PMA state was saved with {what} = {saved.get(key)!r}, this Merger has "
                     f"{ours[key]!r}; restart averaging or use the saved setting"
                 )
+
+    def _check_compatible(self, state: Mapping[str, Any]) -> None:
+        missing = [k for k in ("meta", "count", "head", "slots", "schedule") if k not in state]
+        if missing:
+            raise PMAStateError(f"PMA state lacks {missing}: not a Merger.state_dict()")
+        saved, ours = state["meta"], self._meta()
+        self._compare_settings(saved, ours)
         if (
             list(saved["names"]) != ours["names"]
             or [list(s) for s in saved["shapes"]] != ours["shapes"]

@@ -12,9 +12,17 @@ __all__ = ["Backend", "Shard", "canonical_name", "select_backend", "PlainBackend
 
 
 def select_backend(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Backend:
-    """The backend for ``model``: FSDP2 when its parameters are DTensors, else whole tensors."""
+    """The backend for ``model``: DeepSpeed for an engine or a ZeRO optimizer, FSDP2 when the
+    parameters are DTensors, else whole tensors."""
     from torch.distributed.tensor import DTensor
 
+    from .deepspeed import DeepSpeedBackend, is_deepspeed_engine, zero_optimizer_of
+
+    if is_deepspeed_engine(model):
+        return DeepSpeedBackend(model.module, model.optimizer)
+    zero = zero_optimizer_of(optimizer)
+    if zero is not None:
+        return DeepSpeedBackend(model, zero)
     params = trainable_parameters(model, optimizer)
     if not params:
         raise ValueError(

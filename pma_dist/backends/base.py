@@ -27,6 +27,28 @@ def canonical_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class Fragment:
+    """A contiguous run of one parameter's elements inside a shard.
+
+    ``shard.local.view(-1)[local_start : local_start + numel]`` holds elements
+    ``[start, start + numel)`` of the flattened parameter ``param``. Fragments describe any
+    layout (whole tensors, FSDP2 row shards, DeepSpeed flat partitions) in one vocabulary, so
+    averaging state saved under one layout can be loaded under another.
+    """
+
+    param: str
+    """Canonical parameter name."""
+    shape: tuple[int, ...]
+    """Full shape of the parameter."""
+    start: int
+    """Offset in the flattened parameter."""
+    numel: int
+    """Number of elements."""
+    local_start: int = 0
+    """Offset in the flattened shard."""
+
+
+@dataclass(frozen=True)
 class Shard:
     """One tensor this rank owns, in the precision the optimizer updates."""
 
@@ -36,10 +58,13 @@ class Shard:
     """The live values on this rank: read by snapshots, overwritten by swaps, in place."""
     global_shape: tuple[int, ...]
     """Shape of the whole tensor across ranks (for state validation across world sizes)."""
-    checkpoint_view: Callable[[torch.Tensor], torch.Tensor]
-    """Turns a buffer shaped like ``local`` into the object saved in a checkpoint: the buffer
-    itself when every rank holds the whole tensor, or a DTensor sharing its storage, laid out
-    like the parameter, so that ``torch.distributed.checkpoint`` reshards it on load."""
+    checkpoint_view: Callable[[torch.Tensor], torch.Tensor] | None
+    """Turns a buffer shaped like ``local`` into the object saved in a DCP checkpoint: the
+    buffer itself when every rank holds the whole tensor, or a DTensor sharing its storage,
+    laid out like the parameter, so that ``torch.distributed.checkpoint`` reshards it on load.
+    ``None`` when the layout has no DCP form (DeepSpeed flat partitions)."""
+    fragments: tuple[Fragment, ...] = ()
+    """Which parameter elements the shard holds; see :class:`Fragment`."""
 
 
 @runtime_checkable

@@ -9,12 +9,13 @@ reshards it when the world size changes.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .base import Shard
+from .base import Fragment, Shard
 from .plain import trainable_parameters
 
 
@@ -27,6 +28,22 @@ def _like_param(param: DTensor, buffer: torch.Tensor) -> DTensor:
         shape=param.shape,
         stride=param.stride(),
     )
+
+
+def _fragments(name: str, param: DTensor) -> tuple[Fragment, ...]:
+    """The local shard as a run of the flattened parameter; only row (dim-0) sharding and
+    replication give one contiguous run, other layouts have none (DCP still handles them)."""
+    from torch.distributed.tensor import Shard as ShardPlacement
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if any(isinstance(p, ShardPlacement) and p.dim != 0 for p in param.placements):
+        return ()
+    shape, offset = compute_local_shape_and_global_offset(
+        param.shape, param.device_mesh, param.placements
+    )
+    row = math.prod(param.shape[1:])
+    numel = math.prod(shape)
+    return (Fragment(name, tuple(param.shape), offset[0] * row if numel else 0, numel),)
 
 
 class FSDP2Backend:
@@ -58,7 +75,13 @@ class FSDP2Backend:
     def shards(self) -> list[Shard]:
         with torch.no_grad():
             return [
-                Shard(n, p.to_local(), tuple(p.shape), functools.partial(_like_param, p))
+                Shard(
+                    n,
+                    p.to_local(),
+                    tuple(p.shape),
+                    functools.partial(_like_param, p),
+                    _fragments(n, p),
+                )
                 for n, p in self._parameters()
             ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Shard, canonical_name
+from .base import Fragment, Shard, canonical_name
 
 
 def trainable_parameters(
@@ -34,7 +34,16 @@ class PlainBackend:
         self._params = trainable_parameters(model, optimizer)
 
     def shards(self) -> list[Shard]:
-        return [Shard(n, p.detach(), tuple(p.shape), _identity) for n, p in self._params]
+        return [
+            Shard(
+                n,
+                p.detach(),
+                tuple(p.shape),
+                _identity,
+                (Fragment(n, tuple(p.shape), 0, p.numel()),),
+            )
+            for n, p in self._params
+        ]
 
     def begin_write(self) -> None:
         pass

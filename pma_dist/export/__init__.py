@@ -8,7 +8,7 @@ into a Hugging Face directory offline, in one process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,17 @@ from torch import nn
 
 from .. import comm
 from .atomic import ExportError, abort, check_target, commit, ensure_space, make_temp_dir
-from .hf import HFPlan, HFWriter, converter, plan_hf, write_index, write_model_files
+from .hf import (
+    HFPlan,
+    HFWriter,
+    converter,
+    is_transformers_model,
+    plan_hf,
+    write_index,
+    write_model_files,
+)
 from .manifest import MANIFEST
-from .sources import iter_full_tensors, meta_state, module_state
+from .sources import ModuleSource, model_source
 from .verify import verify_export
 
 __all__ = ["ExportError", "MANIFEST", "convert_to_hf", "export_model", "verify_export"]
@@ -39,6 +47,7 @@ def export_model(
     generation_config: Any = None,
     max_shard_size: int | str = "5GB",
     original_format: bool = True,
+    rename: Callable[[str], str | None] | Mapping[str, str] | None = None,
     info: dict | None = None,
     progress: bool = True,
 ) -> Path:
@@ -52,33 +61,71 @@ def export_model(
     no gather; loadable at any world size and convertible with :func:`convert_to_hf`.
     ``dtype`` casts the weights (default: as they are). ``original_format`` keeps the
     architecture's hub names (e.g. per-expert MoE weights) rather than the in-memory ones.
+    ``rename`` maps the model's parameter names to those of the transformers architecture
+    that ``config`` names (a dict, or a function returning None to leave a tensor out); with
+    it a model that is not a transformers model (a DeepSpeed MoE, say) exports as one.
+    DeepSpeed engines export their fp32 masters, MoE experts under global ids.
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: must be one of {', '.join(FORMATS)}")
     dtype = parse_dtype(dtype)
-    state = module_state(model)
+    source = model_source(model)
     rank, world = comm.rank(), comm.world_size()
     if format == "dcp":
+        if not isinstance(source, ModuleSource):
+            raise ExportError(
+                "format='dcp' writes DTensor or whole-tensor state; DeepSpeed partitions have "
+                "no DCP layout: export format='hf', or save the state with Merger.save"
+            )
         return _atomic(
             Path(path),
-            lambda temp: _write_dcp(state, temp, dtype),
+            lambda temp: _write_dcp(source.state, temp, dtype),
             None,
             {"kind": "dcp", "dtype": _name(dtype), **(info or {})},
         )
-    convert = converter(model, original_format)
-    plan = plan_hf(
-        meta_state(state), model, dtype=dtype, max_shard_size=max_shard_size, convert=convert
-    )
+    meta, original_name = _renamed(source.meta(), rename)
+    architecture = _architecture(source.module, config)
+    convert = converter(architecture, original_format)
+    plan = plan_hf(meta, architecture, dtype=dtype, max_shard_size=max_shard_size, convert=convert)
 
     def body(temp: Path) -> dict:
-        tensors = iter_full_tensors(state, plan.sources)
+        names = [original_name[n] for n in plan.sources]
+        tensors = ((new, t) for new, (_, t) in zip(plan.sources, source.tensors(names)))
         return stream_hf(plan, tensors, temp, rank, world, convert, progress)
 
     def seal(temp: Path) -> None:
         write_index(temp, plan)
-        write_model_files(temp, model, dtype, config, tokenizer, generation_config)
+        write_model_files(temp, architecture, dtype, config, tokenizer, generation_config)
 
     return _atomic(Path(path), body, seal, _hf_info(plan, dtype, info))
+
+
+def _renamed(
+    meta: dict[str, torch.Tensor], rename
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``meta`` under the new names, and new name -> original name."""
+    if rename is None:
+        return meta, {n: n for n in meta}
+    out, original = {}, {}
+    for name, tensor in meta.items():
+        new = rename(name) if callable(rename) else rename.get(name, name)
+        if new is None:
+            continue
+        if new in original:
+            raise ExportError(f"rename maps both {original[new]!r} and {name!r} to {new!r}")
+        out[new], original[new] = tensor, name
+    return out, original
+
+
+def _architecture(module: nn.Module, config: Any) -> nn.Module | None:
+    """The transformers model that decides tied weights and checkpoint names: the module
+    itself, else a meta-device model built from ``config``, else None."""
+    if is_transformers_model(module) or config is None:
+        return module if is_transformers_model(module) else None
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def stream_hf(

@@ -7,6 +7,7 @@ sharded module the iteration is collective: every rank must walk the same names.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..backends.base import canonical_name
+from ..backends.base import Fragment, canonical_name
 
 
 def module_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -40,6 +41,90 @@ def iter_full_tensors(
             if isinstance(tensor, DTensor):
                 tensor = tensor.full_tensor()
             yield name, tensor.detach()
+
+
+class ModuleSource:
+    """A live module whose parameters are whole tensors or DTensors (plain, DDP, FSDP2)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.module = model
+        self.state = module_state(model)
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        return meta_state(self.state)
+
+    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter_full_tensors(self.state, names)
+
+
+class DeepSpeedSource:
+    """A DeepSpeed engine: full fp32 parameters put together from the master fragments every
+    rank holds (one all-reduce per tensor; each element lives on exactly one rank), under
+    global names (MoE experts numbered ``ep_rank * num_local_experts + local_id``)."""
+
+    def __init__(self, engine) -> None:
+        from .. import comm
+        from ..backends.deepspeed import DeepSpeedBackend
+
+        self.module = engine.module
+        self.backend = DeepSpeedBackend(engine.module, engine.optimizer)
+        local = {}
+        for shard in self.backend.shards():
+            for f in shard.fragments:
+                local.setdefault(f.param, tuple(f.shape))
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for part in comm.gather_objects(local):
+            for name, shape in part.items():
+                self.shapes.setdefault(name, shape)
+        self.buffers = {
+            canonical_name(n): b
+            for n, b in self.module.state_dict().items()
+            if n not in _param_names(self.module)
+        }
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        out = {
+            n: torch.empty(s, dtype=torch.float32, device="meta") for n, s in self.shapes.items()
+        }
+        out.update(meta_state(self.buffers))
+        return out
+
+    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        import torch.distributed as dist
+
+        from .. import comm
+
+        shards = self.backend.shards()
+        device = shards[0].local.device if shards else torch.device("cpu")
+        pieces: dict[str, list[tuple[torch.Tensor, Fragment]]] = {}
+        for shard in shards:
+            for f in shard.fragments:
+                pieces.setdefault(f.param, []).append((shard.local.view(-1), f))
+        group = comm.default_group()
+        with torch.no_grad():
+            for name in names:
+                if name in self.buffers:
+                    yield name, self.buffers[name].detach()
+                    continue
+                full = torch.zeros(math.prod(self.shapes[name]), dtype=torch.float32, device=device)
+                for flat, f in pieces.get(name, ()):
+                    full[f.start : f.start + f.numel] = flat[
+                        f.local_start : f.local_start + f.numel
+                    ]
+                if group is not None:
+                    dist.all_reduce(full, group=group)
+                yield name, full.view(self.shapes[name])
+
+
+def _param_names(module: nn.Module) -> set[str]:
+    return {n for n, _ in module.named_parameters(remove_duplicate=False)}
+
+
+def model_source(model: nn.Module):
+    """The tensor source for a live model: DeepSpeed engines read their fp32 masters."""
+    from ..backends.deepspeed import is_deepspeed_engine
+
+    return DeepSpeedSource(model) if is_deepspeed_engine(model) else ModuleSource(model)
 
 
 def dcp_tensor_metadata(checkpoint: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

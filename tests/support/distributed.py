@@ -70,10 +70,16 @@ def _rank_main(
         result = fn(rank, world_size, *args)
         torch.save(result, result_path.with_suffix(".tmp"))
         result_path.with_suffix(".tmp").rename(result_path)
-        dist.destroy_process_group()
     except BaseException:
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         os._exit(1)
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - peers that died already failed the run their own way
+        pass
+    # Every rank is past its last collective: leave without running library teardown
+    # (DeepSpeed's shared-memory communicator can abort in interpreter shutdown).
+    os._exit(0)
 
 
 def run_rank_outcomes(

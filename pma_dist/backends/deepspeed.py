@@ -1,0 +1,184 @@
+"""Backend for DeepSpeed engines: averages the fp32 master partitions each rank's ZeRO
+optimizer owns, never the bf16/fp16 working copies, with no communication.
+
+Shards are the optimizer's flat fp32 partitions (one per param group, or per ZeRO-3 sub-group),
+so a snapshot is one fused copy or lerp over a handful of large tensors. Fragments map each
+partition back to parameter elements (padding excluded) for layout-independent checkpoints.
+After a swap writes the master, ``end_write`` pushes it to the working parameters the way the
+optimizer's own step does: ``update_lp_params()`` for ZeRO 1/2, a release of every gathered
+parameter plus a copy into the partitioned working copies for ZeRO-3.
+
+Names are the module's parameter names with DeepSpeed MoE experts renumbered globally
+(``ep_rank * num_local_experts + local_id``), so that every expert has one name across ranks.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .base import Fragment, Shard, canonical_name
+
+
+def expert_renaming(module: nn.Module) -> dict[str, str]:
+    """Local expert parameter names to global ones for every DeepSpeed MoE layer in ``module``."""
+    try:
+        from deepspeed.moe.experts import Experts
+        from deepspeed.utils import groups
+    except ImportError:
+        return {}
+    renames = {}
+    for prefix, sub in module.named_modules():
+        if not isinstance(sub, Experts):
+            continue
+        group_name = next(sub.parameters()).group_name
+        ep_rank = groups._get_expert_parallel_rank(group_name)
+        base = ep_rank * sub.num_local_experts
+        for name, _ in sub.named_parameters():
+            match = re.match(r"deepspeed_experts\.(\d+)\.(.*)", name)
+            if match:
+                local_id, rest = int(match.group(1)), match.group(2)
+                full = f"{prefix}.{name}" if prefix else name
+                renames[full] = f"{prefix}.deepspeed_experts.{base + local_id}.{rest}"
+    return renames
+
+
+def parameter_names(module: nn.Module) -> dict[int, str]:
+    """``id(param) -> canonical global name`` for the engine's module."""
+    renames = expert_renaming(module)
+    return {id(p): canonical_name(renames.get(n, n)) for n, p in module.named_parameters()}
+
+
+class DeepSpeedBackend:
+    """Shards of a ``DeepSpeedEngine``: the fp32 partitions of its ZeRO optimizer."""
+
+    def __init__(self, module: nn.Module, zero_optimizer) -> None:
+        self.optimizer = zero_optimizer
+        self._names = parameter_names(module)
+        if hasattr(self.optimizer, "fp32_partitioned_groups_flat"):
+            self.kind = "zero3"
+        elif hasattr(self.optimizer, "single_partition_of_fp32_groups"):
+            self.kind = "zero12"
+            if getattr(self.optimizer, "round_robin_gradients", False):
+                self._check_round_robin_layout()
+        elif hasattr(self.optimizer, "fp32_groups_flat_partition"):
+            self.kind = "bf16"
+        else:
+            raise TypeError(
+                f"DeepSpeedBackend: optimizer {type(self.optimizer).__name__} keeps no fp32 "
+                "master partition (ZeRO stage 0 without bf16); average the module with "
+                "Merger(engine.module, optimizer, config) instead"
+            )
+
+    def _check_round_robin_layout(self) -> None:
+        """The flat layout is read from ``round_robin_bit16_*``; refuse if it is missing."""
+        if not hasattr(self.optimizer, "round_robin_bit16_offsets"):
+            raise TypeError(
+                "DeepSpeedBackend: round_robin_gradients is on but this DeepSpeed version "
+                "exposes no round_robin_bit16_offsets; set round_robin_gradients to false"
+            )
+
+    def _name(self, param: torch.Tensor) -> str:
+        return self._names[id(param)]
+
+    def shards(self) -> list[Shard]:
+        if self.kind == "zero3":
+            return list(self._zero3_shards())
+        if self.kind == "zero12":
+            return list(self._zero12_shards())
+        return list(self._bf16_shards())
+
+    def _zero12_shards(self) -> Iterator[Shard]:
+        zo = self.optimizer
+        for i, flat in enumerate(zo.single_partition_of_fp32_groups):
+            group = zo.real_dp_process_group[i]
+            rank, world = dist.get_rank(group=group), dist.get_world_size(group=group)
+            size = zo.bit16_groups_flat[i].numel() // world
+            lo, hi = rank * size, (rank + 1) * size
+            fragments = []
+            for p, offset in zip(zo.round_robin_bit16_groups[i], zo.round_robin_bit16_offsets[i]):
+                start, end = max(offset, lo), min(offset + p.numel(), hi)
+                if start < end:
+                    fragments.append(
+                        Fragment(
+                            self._name(p), tuple(p.shape), start - offset, end - start, start - lo
+                        )
+                    )
+            yield Shard(f"zero.group{i}", flat, (world * size,), None, tuple(fragments))
+
+    def _bf16_shards(self) -> Iterator[Shard]:
+        zo = self.optimizer
+        for i, flat in enumerate(zo.fp32_groups_flat_partition):
+            fragments = []
+            for p in zo.bf16_groups[i]:
+                mapping = getattr(p, "_hp_mapping", None)
+                if mapping is None:
+                    continue
+                lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+                fragments.append(
+                    Fragment(self._name(p), tuple(p.shape), lp.start, lp.numel, hp.start)
+                )
+            yield Shard(f"bf16.group{i}", flat, tuple(flat.shape), None, tuple(fragments))
+
+    def _zero3_shards(self) -> Iterator[Shard]:
+        zo = self.optimizer
+        for sg, params in enumerate(zo.fp16_groups):
+            flat = zo.fp32_partitioned_groups_flat[sg]
+            fragments = []
+            for p in params:
+                _, local_start, part = zo.grad_position[zo.get_param_id(p)]
+                start = dist.get_rank(group=p.ds_process_group) * part
+                valid = max(0, min(part, p.ds_numel - start))
+                if valid:
+                    fragments.append(
+                        Fragment(self._name(p), tuple(p.ds_shape), start, valid, local_start)
+                    )
+            yield Shard(f"zero3.subgroup{sg}", flat, tuple(flat.shape), None, tuple(fragments))
+
+    def begin_write(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def end_write(self) -> None:
+        """Push the fp32 master to the working parameters on every rank. Collective."""
+        zo = self.optimizer
+        if self.kind in ("zero12", "bf16"):
+            zo.update_lp_params()
+            return
+        zo.checkpoint_event_prologue()
+        for sg in range(len(zo.fp16_groups)):
+            zo._reassign_or_swap_out_partitioned_parameters(sg)
+        zo.checkpoint_event_epilogue()
+
+
+def is_deepspeed_engine(model: object) -> bool:
+    """True for a ``DeepSpeedEngine`` (checked without importing DeepSpeed when it is absent)."""
+    if "deepspeed" not in sys.modules:
+        return False
+    from deepspeed import DeepSpeedEngine
+
+    return isinstance(model, DeepSpeedEngine)
+
+
+def zero_optimizer_of(optimizer: object):
+    """The ZeRO optimizer inside ``optimizer`` (itself, or under wrappers such as Accelerate's
+    ``DeepSpeedOptimizerWrapper``), or None."""
+    for _ in range(4):
+        if optimizer is None:
+            return None
+        if any(hasattr(optimizer, a) for a in _MASTER_ATTRIBUTES):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+_MASTER_ATTRIBUTES = (
+    "fp32_partitioned_groups_flat",
+    "single_partition_of_fp32_groups",
+    "fp32_groups_flat_partition",
+)

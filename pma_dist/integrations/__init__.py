@@ -1,0 +1,1 @@
+"""Engine integrations: DeepSpeed (a config flag) and Accelerate (one line after prepare)."""

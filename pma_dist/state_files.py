@@ -1,0 +1,156 @@
+"""Averaging state as one file per rank, in a layout-independent form that reshards on load.
+
+Each rank saves its slot tensors as they are, with the ``Fragment``s that say which parameter
+elements each one holds. A state saved under one layout (DeepSpeed ZeRO-2 on 8 ranks, say) so
+loads under another (ZeRO-3 on 16, FSDP2 on 4): every rank reads, memory-mapped, only the saved
+runs that overlap its own, and checks that they cover every element it needs before it changes
+anything.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backends.base import Shard
+from .errors import PMAStateError
+
+FORMAT = "pma_dist-fragments"
+FILE_PATTERN = "pma_rank{rank:05d}.pt"
+
+
+@dataclass(frozen=True)
+class Copy:
+    """``numel`` elements from saved file ``file``, shard ``src_shard`` at flat ``src`` into
+    local shard ``dst_shard`` at flat ``dst``."""
+
+    file: int
+    src_shard: int
+    src: int
+    dst_shard: int
+    dst: int
+    numel: int
+
+
+def rank_file(directory: Path, rank: int) -> Path:
+    return Path(directory) / FILE_PATTERN.format(rank=rank)
+
+
+def write_rank_file(
+    directory: Path,
+    rank: int,
+    world_size: int,
+    header: dict[str, Any],
+    shards: list[Shard],
+    slots: list[list[torch.Tensor]],
+) -> Path:
+    """Write this rank's file atomically; ``slots[k][i]`` is slot k of ``shards[i]``."""
+    path = rank_file(directory, rank)
+    missing = [s.name for s in shards if s.local.numel() and not s.fragments]
+    if missing:
+        raise PMAStateError(f"shards {missing[:3]} have a layout without fragments")
+    payload = {
+        "format": FORMAT,
+        "version": 1,
+        "rank": rank,
+        "world_size": world_size,
+        **header,
+        "fragments": [
+            [(f.param, tuple(f.shape), f.start, f.numel, f.local_start) for f in s.fragments]
+            for s in shards
+        ],
+        "slots": [[t.detach() for t in slot] for slot in slots],
+    }
+    temp = path.with_suffix(".tmp")
+    torch.save(payload, temp)
+    with open(temp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    return path
+
+
+def read_rank_files(directory: Path) -> list[dict[str, Any]]:
+    """Every rank's file, memory-mapped; checks that the set is complete."""
+    paths = sorted(Path(directory).glob("pma_rank*.pt"))
+    if not paths:
+        raise PMAStateError(f"{directory}: no pma_rank*.pt files (no PMA state saved here)")
+    try:
+        files = [torch.load(p, mmap=True, weights_only=False, map_location="cpu") for p in paths]
+    except Exception as err:  # noqa: BLE001 - truncated or corrupted files fail in many ways
+        raise PMAStateError(f"{directory}: PMA state files do not load ({err})") from err
+    bad = [
+        str(p) for p, f in zip(paths, files) if not isinstance(f, dict) or f.get("format") != FORMAT
+    ]
+    if bad:
+        raise PMAStateError(f"not pma_dist state files: {bad}")
+    world = files[0]["world_size"]
+    ranks = sorted(f["rank"] for f in files)
+    if ranks != list(range(world)):
+        raise PMAStateError(
+            f"{directory}: state was saved by {world} ranks but files for ranks {ranks} are here"
+        )
+    return files
+
+
+def plan_copies(files: list[dict[str, Any]], shards: list[Shard]) -> list[Copy]:
+    """The copies that fill every fragment of ``shards`` from the saved files.
+
+    Raises ``PMAStateError`` naming the first parameter whose elements are not all saved or
+    whose shape differs. Replicas saved by several ranks are read once.
+    """
+    saved: dict[str, list[tuple[int, int, int, int, int]]] = defaultdict(list)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for index, f in enumerate(files):
+        for shard_index, fragments in enumerate(f["fragments"]):
+            for param, shape, start, numel, local_start in fragments:
+                saved[param].append((start, numel, index, shard_index, local_start))
+                shapes[param] = tuple(shape)
+    for runs in saved.values():
+        runs.sort()
+    copies = []
+    for dst_shard, shard in enumerate(shards):
+        for frag in shard.fragments:
+            if frag.param not in shapes:
+                raise PMAStateError(f"saved PMA state has no parameter {frag.param!r}")
+            if shapes[frag.param] != tuple(frag.shape):
+                raise PMAStateError(
+                    f"saved PMA state has {frag.param!r} with shape {shapes[frag.param]}, "
+                    f"this model has {tuple(frag.shape)}"
+                )
+            cursor, end = frag.start, frag.start + frag.numel
+            for start, numel, index, src_shard, local_start in saved[frag.param]:
+                if start > cursor or cursor >= end:
+                    break
+                stop = min(start + numel, end)
+                if stop > cursor:
+                    copies.append(
+                        Copy(
+                            index,
+                            src_shard,
+                            local_start + cursor - start,
+                            dst_shard,
+                            frag.local_start + cursor - frag.start,
+                            stop - cursor,
+                        )
+                    )
+                    cursor = stop
+            if cursor < end:
+                raise PMAStateError(
+                    f"saved PMA state lacks elements [{cursor}, {end}) of {frag.param!r}"
+                )
+    return copies
+
+
+def apply_copies(
+    files: list[dict[str, Any]], copies: list[Copy], slot: int, out: list[torch.Tensor]
+) -> None:
+    """Fill this rank's slot ``slot`` (``out[i]`` for shard i) from the saved files."""
+    for c in copies:
+        source = files[c.file]["slots"][slot][c.src_shard].view(-1)
+        target = out[c.dst_shard].view(-1)
+        target[c.dst : c.dst + c.numel].copy_(source[c.src : c.src + c.numel])

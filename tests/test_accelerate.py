@@ -1,0 +1,77 @@
+"""Accelerate: the DeepSpeed plugin carries the "pma" section (2 CPU ranks), and attaching to
+an FSDP run whose parameters were silently left unsharded is refused."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+pytest.importorskip("accelerate")
+pytest.importorskip("deepspeed")
+
+from tests.support.deepspeed_runs import ds_config, full_fp32  # noqa: E402
+from tests.support.distributed import run_ranks  # noqa: E402
+from tests.support.models import batch, loss_of, make_model  # noqa: E402
+from tests.support.reference import assert_close_rel, window_reference  # noqa: E402
+
+
+def _deepspeed_plugin_worker(rank: int, world_size: int) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+    from pma_dist.accelerate import attach
+
+    config = ds_config(2, world_size, {"method": "sma", "window": 2, "interval_steps": 1})
+    accelerator = Accelerator(
+        deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config),
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+    )
+    model = make_model(seed=0)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=2e-2))
+    merger = attach(accelerator, model, optimizer)
+    snapshots = []
+    for step in range(3):
+        accelerator.backward(loss_of(model, batch(step, rank, world_size)))
+        optimizer.step()
+        optimizer.zero_grad()
+        snapshots.append(full_fp32(model))
+    with merger.swapped():
+        merged = full_fp32(model)
+    out = {"count": merger.num_snapshots, "snapshots": snapshots, "merged": merged}
+    out["same_object"] = model.pma is merger
+    return out
+
+
+def test_deepspeed_plugin_pma_section() -> None:
+    result = run_ranks(_deepspeed_plugin_worker, 2)[0]
+    assert result["same_object"] and result["count"] == 3
+    assert_close_rel(
+        result["merged"], window_reference(result["snapshots"], 2, "sma"), 1e-6, "accelerate"
+    )
+
+
+def _fsdp_fallback_worker(rank: int, world_size: int) -> str:
+    from accelerate import Accelerator
+    from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs
+
+    from pma_dist.accelerate import attach
+
+    accelerator = Accelerator(
+        fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2),
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+    )
+    model = make_model()
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    try:
+        attach(accelerator, model, optimizer, {"interval_steps": 1})
+    except RuntimeError as err:
+        return str(err)
+    return "attached"
+
+
+def test_fsdp_requested_but_unsharded_is_refused() -> None:
+    for message in run_ranks(_fsdp_fallback_worker, 2):
+        assert "FSDP was requested but the prepared model's parameters are not sharded" in message

@@ -1,0 +1,294 @@
+"""DeepSpeed ZeRO 1/2/3 on CPU (gloo), bf16: PMA from a config flag, averaging the fp32 masters.
+
+References come from DeepSpeed itself (``safe_get_full_fp32_param`` after every step), merged
+in float64; the working bf16 weights a forward sees are checked too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+deepspeed = pytest.importorskip("deepspeed")
+
+from pma_dist import PMAConfigError, PMAStateError  # noqa: E402
+from tests.support.deepspeed_runs import (  # noqa: E402
+    assembled_fp32,
+    ds_config,
+    engine_step,
+    full_fp32,
+    full_working,
+    gathered_fp32,
+    make_engine,
+    make_moe_engine,
+    moe_step,
+)
+from tests.support.distributed import run_ranks  # noqa: E402
+from tests.support.reference import (  # noqa: E402
+    assert_bitwise_equal,
+    assert_close_rel,
+    window_reference,
+)
+
+PMA = {"method": "wma", "window": 3, "interval_steps": 1, "ema_alpha": 0.3}
+STEPS = 5
+
+
+def _parity_worker(rank: int, world_size: int, stage: int, zero: dict) -> dict:
+    engine = make_engine(stage, world_size, PMA, **zero)
+    out: dict = {"snapshots": [], "losses": [], "kind": engine.pma.backend.kind}
+    reference = full_fp32 if not zero.get("round_robin_gradients") else assembled_fp32
+    for step in range(STEPS):
+        out["losses"].append(engine_step(engine, step, rank, world_size))
+        snapshot, working = reference(engine), full_working(engine)
+        out["snapshots"].append(snapshot)
+        out.setdefault("fragments_vs_working", []).append((assembled_fp32(engine), working))
+        with engine.pma.swapped("ema" if step % 2 else None):
+            out.setdefault("merged", []).append(reference(engine))
+            out.setdefault("merged_working", []).append(full_working(engine))
+        assert all(torch.equal(snapshot[k], v) for k, v in reference(engine).items()), "master"
+        assert all(torch.equal(working[k], v) for k, v in full_working(engine).items()), "working"
+    assert engine.pma.num_snapshots == STEPS
+    plain = make_engine(stage, world_size, None, **zero)
+    out["losses_without_pma"] = [engine_step(plain, s, rank, world_size) for s in range(STEPS)]
+    return out if rank == 0 else {}
+
+
+@pytest.mark.parametrize(
+    "stage, world_size, zero",
+    [
+        (1, 2, {}),
+        (2, 2, {"round_robin_gradients": True}),
+        (2, 2, {"offload_optimizer": {"device": "cpu"}}),
+        (3, 2, {}),
+        (3, 4, {"stage3_param_persistence_threshold": 0}),
+    ],
+)
+def test_zero_stage_merges_fp32_masters(stage: int, world_size: int, zero: dict) -> None:
+    result = run_ranks(_parity_worker, world_size, stage, zero)[0]
+    assert result["kind"] == ("zero3" if stage == 3 else "zero12")
+    for step, (merged, working) in enumerate(zip(result["merged"], result["merged_working"])):
+        method = "ema" if step % 2 else "wma"
+        expected = window_reference(result["snapshots"][: step + 1], 3, method, 0.3)
+        assert_close_rel(merged, expected, 1e-6, f"stage {stage} step {step}")
+        rounded = {k: v.to(torch.bfloat16) for k, v in merged.items()}
+        assert_bitwise_equal(working, rounded, "forward sees the merged master in bf16")
+    assert result["losses"] == result["losses_without_pma"], "swaps changed training"
+    for assembled, working in result["fragments_vs_working"]:
+        rounded = {k: v.to(torch.bfloat16) for k, v in assembled.items()}
+        assert_bitwise_equal(working, rounded, "fragments map the real partition layout")
+
+
+def _checkpoint_worker(rank, world_size, root, stage, mode) -> dict:
+    pma = {"method": "ema", "window": 3, "interval_steps": 1}
+    engine = make_engine(stage, world_size, pma, seed=0 if mode == "save" else 7)
+    out = {}
+    if mode == "save":
+        for step in range(4):
+            engine_step(engine, step, rank, world_size)
+        engine.save_checkpoint(root)
+        with engine.pma.swapped():
+            out["merged_at_save"] = full_fp32(engine)
+        for step in range(4, 7):
+            engine_step(engine, step, rank, world_size)
+    elif mode == "resume":
+        engine.load_checkpoint(root)
+        for step in range(4, 7):
+            engine_step(engine, step, rank, world_size)
+    else:
+        if mode == "module_only":
+            load_path, _ = engine.load_checkpoint(
+                root, load_module_only=True, load_optimizer_states=False
+            )
+            assert load_path is not None
+        else:
+            engine.pma.load(Path(root) / "global_step4")
+        with engine.pma.swapped():
+            out["merged_at_load"] = full_fp32(engine)
+        out["count"] = engine.pma.num_snapshots
+        return out if rank == 0 else {}
+    with engine.pma.swapped():
+        out["merged_end"] = full_fp32(engine)
+    out["history"] = list(engine.pma.history)
+    return out if rank == 0 else {}
+
+
+def test_checkpoints_resume_bitwise_and_reshard(tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    saved = run_ranks(_checkpoint_worker, 2, root, 2, "save")[0]
+    files = sorted(p.name for p in (tmp_path / "ckpt" / "global_step4").glob("pma_rank*.pt"))
+    assert files == ["pma_rank00000.pt", "pma_rank00001.pt"], "every rank's state is saved"
+
+    resumed = run_ranks(_checkpoint_worker, 2, root, 2, "resume")[0]
+    assert_bitwise_equal(resumed["merged_end"], saved["merged_end"], "resume at 2 ranks")
+    assert resumed["history"] == saved["history"]
+
+    for world_size, stage, mode in (
+        (4, 2, "module_only"),
+        (4, 1, "module_only"),
+        (2, 3, "pma_only"),
+    ):
+        loaded = run_ranks(_checkpoint_worker, world_size, root, stage, mode)[0]
+        assert loaded["count"] == 4
+        assert_bitwise_equal(
+            loaded["merged_at_load"], saved["merged_at_save"], f"{world_size} ranks, ZeRO-{stage}"
+        )
+
+
+def _refuse_worker(rank, world_size, root) -> str:
+    engine = make_engine(2, world_size, {"method": "ema", "window": 4, "interval_steps": 1}, seed=3)
+    before = full_fp32(engine)
+    try:
+        engine.load_checkpoint(root)
+    except PMAStateError as err:
+        unchanged = all(torch.equal(before[k], v) for k, v in full_fp32(engine).items())
+        return f"{err} | unchanged={unchanged}"
+    return "loaded"
+
+
+def test_incompatible_state_is_refused_before_deepspeed_loads(tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    run_ranks(_checkpoint_worker, 2, root, 2, "save")
+    before = {p: p.read_bytes() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+    message = run_ranks(_refuse_worker, 2, root)[0]
+    assert "pma.window = 3" in message and message.endswith("unchanged=True"), message
+    assert {p: p.read_bytes() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()} == before
+
+
+def _moe_worker(rank, world_size) -> dict:
+    engine = make_moe_engine(world_size, ep_size=2, pma=PMA)
+    snapshots = []
+    for step in range(4):
+        moe_step(engine, step, rank, world_size)
+        snapshots.append(gathered_fp32(engine))
+    with engine.pma.swapped():
+        merged = gathered_fp32(engine)
+    return {"snapshots": snapshots, "merged": merged} if rank == 0 else {}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_moe_expert_parallel_every_global_expert_once(world_size: int) -> None:
+    result = run_ranks(_moe_worker, world_size)[0]
+    experts = sorted(
+        {
+            k.split(".deepspeed_experts.")[1].split(".")[0]
+            for k in result["merged"]
+            if "deepspeed_experts" in k
+        }
+    )
+    assert experts == ["0", "1", "2", "3"], experts
+    expected = window_reference(result["snapshots"], 3, "wma")
+    assert_close_rel(result["merged"], expected, 1e-6, f"MoE at {world_size} ranks")
+
+
+@pytest.mark.parametrize(
+    "section, fragment",
+    [
+        ({"interval_steps": 1, "windw": 3}, "pma.windw (did you mean 'window'?)"),
+        ({"interval_steps": 1, "window": 0}, "pma.window = 0"),
+        ({"interval_steps": "often"}, "pma.interval_steps = 'often'"),
+        ({"interval_steps": 1, "method": 3}, "pma.method = 3"),
+        ([1, 2], "must be a mapping"),
+    ],
+)
+def test_bad_pma_sections_fail_at_initialize(section, fragment) -> None:
+    from pma_dist.deepspeed import initialize
+
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(PMAConfigError) as err:
+        initialize(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            config={"pma": section},
+        )
+    assert fragment in str(err.value)
+
+
+def _export_worker(rank, world_size, root) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from pma_dist.deepspeed import initialize
+    from tests.support.hf_models import hf_batch, hf_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config("llama"), attn_implementation="eager")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine, *_ = initialize(model=model, optimizer=optimizer, config=ds_config(3, world_size, PMA))
+    for step in range(3):
+        tokens = hf_batch(step, rank, world_size)
+        engine.backward(engine(input_ids=tokens, labels=tokens).loss)
+        engine.step()
+    probe = hf_batch(99)[:2]
+    with torch.no_grad(), engine.pma.swapped():
+        merged = full_fp32(engine)
+        logits = engine(input_ids=probe).logits.float()
+    engine.pma.export(Path(root) / "zero3", max_shard_size="24KB")
+    return {"merged": merged, "logits": logits, "probe": probe} if rank == 0 else {}
+
+
+def test_zero3_export_loads_with_transformers(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from pma_dist.export import verify_export
+
+    result = run_ranks(_export_worker, 2, str(tmp_path))[0]
+    assert verify_export(tmp_path / "zero3") == []
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "zero3", output_loading_info=True
+    )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    state = {k: v for k, v in loaded.state_dict().items() if k in result["merged"]}
+    assert_bitwise_equal(state, result["merged"], "exported fp32 master")
+    with torch.no_grad():
+        logits = loaded(input_ids=result["probe"]).logits
+    assert_close_rel({"l": logits}, {"l": result["logits"]}, 3e-2, "bf16 engine vs fp32 export")
+
+
+EXPERT = r"moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\d+)\.(weight|bias)"
+
+
+def _hub_name(name: str) -> str:
+    import re
+
+    match = re.fullmatch(EXPERT, name)
+    return f"experts.{match[1]}.w{match[2]}.{match[3]}" if match else name
+
+
+def _moe_export_worker(rank, world_size, root) -> dict:
+    from pma_dist.export import ExportError
+
+    engine = make_moe_engine(world_size, ep_size=2, pma=PMA)
+    for step in range(3):
+        moe_step(engine, step, rank, world_size)
+    with engine.pma.swapped():
+        merged = gathered_fp32(engine)
+    engine.pma.export(Path(root) / "moe", rename=_hub_name)
+    try:
+        engine.pma.export(Path(root) / "bad", rename=lambda n: "experts.0" if "experts" in n else n)
+        clash = "exported"
+    except ExportError as err:
+        clash = str(err)
+    return (
+        {"merged": {_hub_name(k): v for k, v in merged.items()}, "clash": clash}
+        if rank == 0
+        else {}
+    )
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_moe_export_has_every_expert_once(tmp_path: Path, world_size: int) -> None:
+    from safetensors.torch import load_file
+
+    from pma_dist.export import verify_export
+
+    result = run_ranks(_moe_export_worker, world_size, str(tmp_path))[0]
+    assert verify_export(tmp_path / "moe") == []
+    exported = load_file(tmp_path / "moe" / "model.safetensors")
+    experts = sorted({k.split(".")[1] for k in exported if k.startswith("experts.")})
+    assert experts == ["0", "1", "2", "3"]
+    assert_bitwise_equal(exported, result["merged"], "MoE export")
+    assert "rename maps both" in result["clash"] and not (tmp_path / "bad").exists()
