@@ -1,5 +1,5 @@
-# make test: set up .venv (on a fresh machine too) and run the suite.
-# make demo: set up and run the FSDP2 quickstart on 2 CPU ranks.
+# make demo: set up .venv and run the main job (pre-training with PMA, the annealing forecast).
+# make test: set up .venv with the test extras and DeepSpeed, then run ruff and the suite.
 # An existing torch is kept: one importable by $(PYTHON) is shared into the venv, and one
 # already in $(VENV) is never replaced; otherwise the CPU build pinned in $(CONSTRAINTS).
 
@@ -7,36 +7,52 @@ PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS ?= constraints/cpu.txt
 NPROC ?= 2
+CONFIG ?= configs/demo_dense.yaml
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.pma-installed
+BASE := $(VENV)/.pma-base
+DEMO := $(VENV)/.pma-demo
+DEV := $(VENV)/.pma-dev
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo demo-full quickstart bench clean
 
-setup: $(STAMP)
+setup: $(DEV)
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+$(BASE): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || { \
 		if $(PYTHON) -c "import torch" 2>/dev/null; then \
 			$(PYTHON) -m venv --system-site-packages $(VENV); \
 		else $(PYTHON) -m venv $(VENV); fi; }
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c $(CONSTRAINTS) torch
+	@touch $@
+
+$(DEMO): $(BASE)
+	$(PY) -m pip install -q -e ".[demo]"
+	@touch $@
+
+$(DEV): $(BASE)
 	$(PY) -m pip install -q -e ".[dev]"
 	@# DeepSpeed builds from source against the torch above: no build isolation.
 	@$(PY) -c "import deepspeed" 2>/dev/null || \
 		DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16"
-	@touch $@
+	@touch $@ $(DEMO)
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(PY) -m ruff check pma_dist tests benchmarks launch
 	$(PY) -m ruff format --check pma_dist tests benchmarks launch
 
 test: lint
 	DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} $(PY) -m pytest -q -m "not gpu"
 
-demo: $(STAMP)
+demo: $(DEMO)
+	NPROC=$(NPROC) CONFIG=$(CONFIG) PYTHON=$(PY) bash launch/run_single_node.sh
+
+demo-full: $(DEMO)
+	NPROC=$(NPROC) CONFIG=$(CONFIG) PYTHON=$(PY) bash launch/run_single_node.sh --full
+
+quickstart: $(DEMO)
 	NPROC=$(NPROC) PYTHON=$(PY) bash launch/run_quickstart.sh
 
-bench: $(STAMP)
+bench: $(DEV)
 	$(PY) benchmarks/snapshot_bandwidth.py --out bench_results/snapshot.json
 	$(PY) benchmarks/export_throughput.py --out bench_results/export.json
 	DS_ACCELERATOR=cpu $(PY) benchmarks/deepspeed_overhead.py --out bench_results/deepspeed.json

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from collections import deque
@@ -384,6 +385,40 @@ class Merger:
                 apply_copies(files, copies, k, slot)
         self._set_counters(files[0]["counters"])
 
+    def check_replicas(self) -> None:
+        """Raise ``PMAStateError`` on every rank unless all ranks agree on the snapshot counts
+        and every group of ranks that holds the same parameter elements (DDP or HSDP replicas)
+        holds bit-identical averaging state. Collective; costs one read of the slots."""
+        shards = self.backend.shards()
+        layout = repr([(f.param, f.start, f.numel) for s in shards for f in s.fragments])
+        self._state.wait_host()
+        with torch.no_grad():
+            sums = [
+                int(_bits(t).sum().item()) if t.numel() else 0
+                for slot in self._state.slots
+                for t in slot
+            ]
+        mine = (
+            hashlib.sha1(layout.encode()).hexdigest(),
+            sums,
+            (self.num_snapshots, self.num_skipped),
+        )
+        everyone = comm.gather_objects(mine, group=self._group)
+        counts = {c for _, _, c in everyone}
+        if len(counts) > 1:
+            raise PMAStateError(f"ranks disagree on (snapshots, skipped): {sorted(counts)}")
+        by_layout: dict[str, list] = {}
+        for rank, (signature, sums, _) in enumerate(everyone):
+            by_layout.setdefault(signature, []).append((rank, sums))
+        for members in by_layout.values():
+            first_rank, first = members[0]
+            for rank, sums in members[1:]:
+                if sums != first:
+                    raise PMAStateError(
+                        f"replicas differ: ranks {first_rank} and {rank} hold the same parameter "
+                        "elements but different averaging state"
+                    )
+
     def check_saved(self, directory: str | Path) -> None:
         """Raise ``PMAStateError`` unless :meth:`load` would succeed; changes nothing."""
         self._plan_load(Path(directory))
@@ -433,6 +468,12 @@ class Merger:
             )
         if int(state["count"]) < 0:
             raise PMAStateError(f"PMA state count = {state['count']!r}: must be >= 0")
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits as integers (for exact checksums)."""
+    kinds = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return tensor.contiguous().view(kinds[tensor.element_size()]).to(torch.int64)
 
 
 def _local(tensor: Any) -> torch.Tensor:

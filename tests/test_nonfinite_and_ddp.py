@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pma_dist import Merger, NonFiniteSnapshotError, PMAConfig
+from pma_dist import Merger, NonFiniteSnapshotError, PMAConfig, PMAStateError
 from tests.support.distributed import run_ranks
 from tests.support.models import batch, full_state, make_model, shard_fsdp2, train_step
 from tests.support.reference import assert_bitwise_equal, assert_close_rel, window_reference
@@ -45,6 +45,15 @@ def _worker(rank: int, world_size: int) -> dict:
     with merger.swapped():
         out["ddp_merged"] = full_state(ddp)
     out["ddp_snapshots"] = snapshots
+    merger.check_replicas()
+    if rank == BAD_RANK:
+        with torch.no_grad():
+            merger._state.slots[0][0].view(-1)[0] += 1e-3
+    try:
+        merger.check_replicas()
+        out["diverged"] = "not detected"
+    except PMAStateError as err:
+        out["diverged"] = str(err)
 
     fsdp = shard_fsdp2(make_model(seed=2), world_size)
     fsdp_opt = torch.optim.SGD(fsdp.parameters(), lr=0.1)
@@ -82,6 +91,7 @@ def test_ddp_parity_and_rank_agreed_nonfinite_skip() -> None:
     expected = window_reference(r0["ddp_snapshots"], 3, "wma")
     assert_close_rel(r0["ddp_merged"], expected, 1e-6, "DDP wma")
     for r in (r0, r1):
+        assert "replicas differ: ranks 0 and 1" in r["diverged"]
         assert r["taken"] == [False, False, False]
         assert r["counts"] == (3, 3, 3)
         assert r["slots_unchanged"]
