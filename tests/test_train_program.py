@@ -42,6 +42,14 @@ def test_fsdp2_dense_run_and_resume(tmp_path: Path) -> None:
     again = _check_run(tmp_path / "resumed", resumed)
     assert again["val_loss"] == full["val_loss"], "resuming mid-run changed the results"
     assert again["fork"] == full["fork"]
+    merged = full["exports"]["pma"]
+    init = torchrun(
+        "--config", str(config), "--run-dir", str(tmp_path / "init"), "--init-from", merged
+    )
+    started = json.loads((tmp_path / "init" / "log.jsonl").read_text().splitlines()[0])
+    fresh = json.loads((tmp_path / "full" / "log.jsonl").read_text().splitlines()[0])
+    assert init.returncode == 0, init.stderr[-3000:]
+    assert started["live"] < fresh["live"], "PMA-init must start from the merged weights"
 
 
 def test_fsdp2_moe_on_a_data_folder(tmp_path: Path) -> None:

@@ -133,7 +133,10 @@ def run(
             "wall_time_s": time.perf_counter() - started,
             "replicas_agree": True,
             "world_size": world,
-            "exports": {k: str(run_dir / "exports" / k) for k in ("pma", "constant", "annealed")},
+            "exports": {
+                k: str((run_dir / "exports" / k).absolute())
+                for k in ("pma", "constant", "annealed")
+            },
         },
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
