@@ -3,6 +3,16 @@
 from .config import PMAConfig, PMAConfigError
 from .errors import NonFiniteSnapshotError, PMAStateError
 from .merger import Merger
+from .recovery import SpikeGuard, SpikeGuardConfig, SpikeRecoveryExhausted
 
-__all__ = ["Merger", "PMAConfig", "PMAConfigError", "PMAStateError", "NonFiniteSnapshotError"]
+__all__ = [
+    "Merger",
+    "NonFiniteSnapshotError",
+    "PMAConfig",
+    "PMAConfigError",
+    "PMAStateError",
+    "SpikeGuard",
+    "SpikeGuardConfig",
+    "SpikeRecoveryExhausted",
+]
 __version__ = "0.1.0"

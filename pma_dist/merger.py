@@ -30,6 +30,7 @@ from .config import METHODS, PMAConfig
 from .errors import NonFiniteSnapshotError, PMAStateError
 from .offload import empty_slot, slot_device
 from .schedule import SnapshotSchedule
+from .state_files import bit_checksum
 
 log = logging.getLogger("pma_dist")
 
@@ -392,12 +393,7 @@ class Merger:
         shards = self.backend.shards()
         layout = repr([(f.param, f.start, f.numel) for s in shards for f in s.fragments])
         self._state.wait_host()
-        with torch.no_grad():
-            sums = [
-                int(_bits(t).sum().item()) if t.numel() else 0
-                for slot in self._state.slots
-                for t in slot
-            ]
+        sums = [bit_checksum(t) for slot in self._state.slots for t in slot]
         mine = (
             hashlib.sha1(layout.encode()).hexdigest(),
             sums,
@@ -468,12 +464,6 @@ class Merger:
             )
         if int(state["count"]) < 0:
             raise PMAStateError(f"PMA state count = {state['count']!r}: must be >= 0")
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's bits as integers (for exact checksums)."""
-    kinds = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return tensor.contiguous().view(kinds[tensor.element_size()]).to(torch.int64)
 
 
 def _local(tensor: Any) -> torch.Tensor:

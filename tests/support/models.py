@@ -98,3 +98,12 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
             full = p.full_tensor() if isinstance(p, DTensor) else p
             out[name.replace("module.", "")] = full.detach().clone()
     return out
+
+
+def counting_batch(step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """A learnable task (each token is the previous plus one), for runs that must converge."""
+    g = torch.Generator().manual_seed(2000 + step)
+    start = torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=g)
+    tokens = (start + torch.arange(SEQ + 1)) % VOCAB
+    per_rank = GLOBAL_BATCH // world_size
+    return tokens[rank * per_rank : (rank + 1) * per_rank]

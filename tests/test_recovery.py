@@ -1,0 +1,87 @@
+"""Loss-spike recovery: a burst of huge learning rate blows the loss up; the guard rolls the
+weights back to the merge of the healthy snapshots and the run carries on from there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pma_dist import Merger, PMAConfig, SpikeGuard, SpikeGuardConfig, SpikeRecoveryExhausted
+from tests.support.distributed import run_ranks
+from tests.support.models import counting_batch, loss_of, make_model, shard_fsdp2
+
+SPIKE = range(50, 52)
+
+
+def _train(model, optimizer, merger, guard, steps=70, spike=SPIKE, spike_lr=0.3, rank=0, world=1):
+    losses = []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = spike_lr if step in spike else 3e-3
+        loss = loss_of(model, counting_batch(step, rank, world))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        merger.step()
+        losses.append(loss.item())
+        if guard is not None:
+            guard.observe(loss.item())
+    return losses
+
+
+def _setup(seed=0):
+    model = make_model(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    return model, optimizer, Merger(model, optimizer, PMAConfig(window=5, interval_steps=2))
+
+
+def test_guard_brings_the_run_back() -> None:
+    model, optimizer, merger = _setup()
+    unguarded = _train(model, optimizer, merger, None)
+    model, optimizer, merger = _setup()
+    guard = SpikeGuard(merger, optimizer, SpikeGuardConfig(last_k=4))
+    guarded = _train(model, optimizer, merger, guard)
+    before = unguarded[SPIKE.start - 1]
+    assert max(unguarded[SPIKE.stop :]) > 10 * before, "the burst must blow the loss up"
+    assert unguarded[SPIKE.stop + 4] > 5 * before, "without the guard the run stays broken"
+    assert guarded[SPIKE.stop + 4] < 2 * before, "with the guard the run is back on track"
+    (recovery,) = guard.recoveries
+    assert recovery["step"] == SPIKE.stop and recovery["snapshots_merged"] == 4
+    assert max(recovery["snapshot_steps"]) <= SPIKE.start, "only snapshots from before the burst"
+    assert guarded[: SPIKE.stop] == unguarded[: SPIKE.stop]
+
+
+def test_persistent_divergence_stops_after_max_recoveries() -> None:
+    model, optimizer, merger = _setup()
+    guard = SpikeGuard(merger, optimizer, SpikeGuardConfig(max_recoveries=2))
+    with pytest.raises(SpikeRecoveryExhausted, match="after 2 recoveries"):
+        _train(model, optimizer, merger, guard, spike=range(50, 70), spike_lr=1.0)
+    assert len(guard.recoveries) == 2
+
+
+def test_non_finite_loss_is_a_spike_and_bad_settings_are_refused() -> None:
+    model, optimizer, merger = _setup()
+    guard = SpikeGuard(merger, optimizer)
+    _train(model, optimizer, merger, guard, steps=12, spike=())
+    assert guard.observe(float("nan")) and len(guard.recoveries) == 1
+    assert not any(optimizer.state.values()), "moments were reset"
+    with pytest.raises(ValueError, match="factor = 0.5"):
+        SpikeGuardConfig(factor=0.5)
+    running = Merger(model, optimizer, PMAConfig(window=None, interval_steps=1))
+    with pytest.raises(ValueError, match="window mode"):
+        SpikeGuard(running, optimizer)
+
+
+def _fsdp2_worker(rank: int, world_size: int) -> dict:
+    model = shard_fsdp2(make_model(seed=0), world_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    merger = Merger(model, optimizer, PMAConfig(window=5, interval_steps=2))
+    guard = SpikeGuard(merger, optimizer, SpikeGuardConfig(last_k=4))
+    losses = _train(model, optimizer, merger, guard, rank=rank, world=world_size)
+    return {"recoveries": guard.recoveries, "losses": losses}
+
+
+def test_ranks_recover_together_under_fsdp2() -> None:
+    r0, r1 = run_ranks(_fsdp2_worker, 2)
+    assert r0["recoveries"] == r1["recoveries"] and len(r0["recoveries"]) == 1
+    assert r0["losses"][SPIKE.stop + 4] < 2 * r0["losses"][SPIKE.start - 1]
