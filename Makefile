@@ -54,6 +54,9 @@ quickstart: $(DEMO)
 
 bench: $(DEV)
 	$(PY) benchmarks/snapshot_bandwidth.py --out bench_results/snapshot.json
+	$(PY) benchmarks/online_vs_offline.py --out bench_results/offline.json
+	$(PY) benchmarks/memory_per_rank.py --out bench_results/memory.json
+	$(PY) benchmarks/training_overhead.py --out bench_results/training.json
 	$(PY) benchmarks/export_throughput.py --out bench_results/export.json
 	DS_ACCELERATOR=cpu $(PY) benchmarks/deepspeed_overhead.py --out bench_results/deepspeed.json
 

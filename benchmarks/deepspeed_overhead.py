@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--params-millions", type=float, default=8)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--blocks", type=int, default=4, help="blocks of 100 steps per setting")
+    parser.add_argument("--blocks", type=int, default=2, help="blocks of 100 steps per setting")
     parser.add_argument("--out")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

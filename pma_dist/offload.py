@@ -23,9 +23,13 @@ def slot_device(live: torch.device, offload: str) -> torch.device:
 
 
 def empty_slot(like: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zeroed slot shaped like ``like``; pinned when it is host memory for a device tensor."""
+    """A zeroed slot shaped like ``like``; pinned when it is host memory for a device tensor.
+
+    Zeroed by writing, not by ``calloc``: the pages are committed now, so running out of
+    memory happens at construction and the first snapshot costs what every later one does.
+    """
     pin = device.type == "cpu" and like.device.type != "cpu"
-    return torch.zeros(like.shape, dtype=dtype, device=device, pin_memory=pin)
+    return torch.empty(like.shape, dtype=dtype, device=device, pin_memory=pin).zero_()
 
 
 def chunks(numel: int, size: int = STAGING_NUMEL) -> Iterator[slice]:

@@ -292,3 +292,43 @@ def test_moe_export_has_every_expert_once(tmp_path: Path, world_size: int) -> No
     assert experts == ["0", "1", "2", "3"]
     assert_bitwise_equal(exported, result["merged"], "MoE export")
     assert "rename maps both" in result["clash"] and not (tmp_path / "bad").exists()
+
+
+def _tokens_and_apply_worker(rank, world_size) -> dict:
+    engine = make_engine(3, world_size, {"window": 3, "interval_tokens": 100})
+    counts = []
+    for step in range(6):
+        engine.pma.add_tokens(30)
+        engine.pma.add_tokens(20)
+        engine_step(engine, step, rank, world_size)
+        counts.append(engine.pma.num_snapshots)
+    with engine.pma.swapped():
+        merged = full_fp32(engine)
+    engine.pma.apply()
+    applied, working = full_fp32(engine), full_working(engine)
+    engine.pma.add_tokens(50)
+    loss = engine_step(engine, 6, rank, world_size)
+    plain = make_engine(2, world_size, {"window": 3, "interval_tokens": 100}, seed=1)
+    try:
+        engine_step(plain, 0, rank, world_size)
+        missing = "no error"
+    except ValueError as err:
+        missing = str(err)
+    return {
+        "counts": counts,
+        "merged": merged,
+        "applied": applied,
+        "working": working,
+        "loss": loss,
+        "missing": missing,
+    }
+
+
+def test_tokens_from_micro_batches_and_apply_under_zero3() -> None:
+    result = run_ranks(_tokens_and_apply_worker, 2)[0]
+    assert result["counts"] == [0, 1, 1, 2, 2, 3], "a snapshot every 100 tokens of 50 per step"
+    assert_bitwise_equal(result["applied"], result["merged"], "apply() writes the merge")
+    rounded = {k: v.to(torch.bfloat16) for k, v in result["merged"].items()}
+    assert_bitwise_equal(result["working"], rounded, "and the working weights follow")
+    assert torch.isfinite(torch.tensor(result["loss"]))
+    assert "pass tokens=" in result["missing"] and "tokens_per_step" in result["missing"]
