@@ -60,3 +60,32 @@ def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2))
+
+
+def torchrun_json(script: str, nproc: int, args: list[str], cwd: str | None = None) -> dict:
+    """Run ``script --worker ARGS`` on ``nproc`` local ranks with torchrun and return the JSON
+    object rank 0 printed last; exit with the ranks' stderr if they failed."""
+    import os
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", script, "--worker", *args,
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+    }
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, cwd=cwd)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        sys.exit(f"{script} on {nproc} ranks failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def save_figures(path: str | None, payload: dict) -> None:
+    """``payload`` plus a description of this machine, as JSON at ``path`` (if given)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    write_json(path, {"machine": machine(device), **payload})

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_figures, torchrun_json  # noqa: E402
 
 
 def _model(millions: float, width: int = 1024):
@@ -139,22 +138,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={args.nproc}", __file__, "--worker",
-        f"--params-millions={args.params_millions}", f"--repeats={args.repeats}",
+    worker_args = [
+        f"--params-millions={args.params_millions}",
+        f"--repeats={args.repeats}",
         f"--blocks={args.blocks}",
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or not lines:
-        sys.exit(f"benchmark failed:\n{done.stderr[-3000:]}")
-    result = json.loads(lines[-1])
+    ]
+    result = torchrun_json(__file__, args.nproc, worker_args)
     print(
         "| ZeRO | partition MB/rank | window BW vs copy | + check | step ms off | step ms on "
         "| measured overhead | snapshot / 100 steps |"
@@ -168,11 +157,7 @@ def main() -> None:
             f"| {r['step_ms_on']:.1f} | {r['training_overhead']:+.2%} "
             f"| {r['snapshot_share_of_100_steps']:.3%} |"
         )
-    if args.out:
-        import torch
-        from common import machine, write_json
-
-        write_json(args.out, {"machine": machine(torch.device("cpu")), **result})
+    save_figures(args.out, result)
 
 
 if __name__ == "__main__":

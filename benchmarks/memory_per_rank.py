@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_figures, torchrun_json  # noqa: E402
 
 MB = 2**20
 
@@ -98,17 +98,8 @@ def main() -> None:
         return worker(args.params_millions)
     table = []
     for world in (int(s) for s in args.sizes.split(",")):
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={world}", __file__, "--worker",
-            f"--params-millions={args.params_millions}",
-        ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        if done.returncode or not lines:
-            sys.exit(f"world size {world} failed:\n{done.stderr[-3000:]}")
-        ranks = json.loads(lines[-1])["rows"]
+        args_ = [f"--params-millions={args.params_millions}"]
+        ranks = torchrun_json(__file__, world, args_)["rows"]
         worst = {k: max(r[k] for r in ranks) for k in ranks[0] if k.endswith("MB")}
         first = {k: ranks[0][k] for k in ("params", "measure")}
         table.append({"world_size": world, **first, **worst})
@@ -122,11 +113,7 @@ def main() -> None:
             f"| {r['world_size']} | {r['window10_MB']:.0f} | {r['running_MB']:.0f} "
             f"| {r['averaged_model_MB']:.0f} | {r['running_MB'] / r['averaged_model_MB']:.2f} |"
         )
-    if args.out:
-        import torch
-        from common import machine, write_json
-
-        write_json(args.out, {"machine": machine(torch.device("cpu")), "rows": table})
+    save_figures(args.out, {"rows": table})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_figures, torchrun_json  # noqa: E402
 
 
 def worker(args) -> None:
@@ -96,16 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={args.nproc}", __file__, "--worker", f"--blocks={args.blocks}",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or not lines:
-        sys.exit(f"benchmark failed:\n{done.stderr[-3000:]}")
-    r = json.loads(lines[-1])
+    r = torchrun_json(__file__, args.nproc, [f"--blocks={args.blocks}"], cwd=str(ROOT))
     print(
         "| ranks | step ms off | step ms on | measured overhead | snapshot ms "
         "| snapshot / 100 steps |"
@@ -116,11 +107,7 @@ def main() -> None:
         f"| {r['measured_overhead']:+.2%} | {r['snapshot_ms']:.2f} "
         f"| {r['snapshot_share_of_100_steps']:.3%} |"
     )
-    if args.out:
-        import torch
-        from common import machine, write_json
-
-        write_json(args.out, {"machine": machine(torch.device("cpu")), **r})
+    save_figures(args.out, r)
 
 
 if __name__ == "__main__":
