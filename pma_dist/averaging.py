@@ -146,10 +146,6 @@ class AveragingState:
         """Indices of the filled slots, oldest snapshot first."""
         raise NotImplementedError
 
-    def default_weights(self, method: str, alpha: float) -> list[float]:
-        """Weights of the filled slots (oldest first) for ``method``."""
-        raise NotImplementedError
-
     def merge_into(self, out: Tensors, weights: Sequence[float]) -> None:
         """Write the weighted sum of the filled slots (oldest first) into ``out``.
 
@@ -231,9 +227,6 @@ class WindowAverage(AveragingState):
     def logical_slots(self) -> list[int]:
         return ring_order(self.count, self.head, self.window)
 
-    def default_weights(self, method: str, alpha: float) -> list[float]:
-        return window_weights(method, len(self.logical_slots()), alpha)
-
 
 class RunningAverage(AveragingState):
     """One slot folded with a lerp per snapshot: cumulative SMA/WMA or EMA."""
@@ -266,9 +259,6 @@ class RunningAverage(AveragingState):
 
     def logical_slots(self) -> list[int]:
         return [0] if self.count else []
-
-    def default_weights(self, method: str, alpha: float) -> list[float]:
-        return [1.0]
 
 
 def _weighted_sum_blocked(
