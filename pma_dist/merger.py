@@ -164,8 +164,9 @@ class Merger:
 
         The originals come back also when the body raises. ``method`` picks a weighting in
         window mode (``"sma"``, ``"wma"``, ``"ema"``); ``weights`` gives one weight per
-        snapshot in the window, oldest first (normalized to sum to one). Not collective, but
-        an FSDP2 forward inside the body is, so enter it on every rank.
+        snapshot in the window, oldest first (normalized to sum to one). Enter it on every
+        rank: under DeepSpeed, pushing the master to the working weights is collective, and an
+        FSDP2 forward inside the body is too.
         """
         if self._swap_active:
             raise RuntimeError("Merger.swapped() is already active; swaps do not nest")
