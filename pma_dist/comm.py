@@ -40,13 +40,14 @@ def collective_device(group: dist.ProcessGroup, hint: torch.device) -> torch.dev
     return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
 
-def all_true(flag: bool, group: dist.ProcessGroup | None = None) -> bool:
-    """True when ``flag`` is true on every rank (one scalar all-reduce)."""
+def all_true(flag: bool | torch.Tensor, group: dist.ProcessGroup | None = None) -> bool:
+    """True when ``flag`` (a bool, or a 0-dim tensor left where it was computed) is true on
+    every rank: one scalar all-reduce."""
     group = group if group is not None else default_group()
-    if group is None:
-        return flag
-    value = torch.tensor(float(flag), device=collective_device(group, torch.device("cpu")))
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    value = flag if isinstance(flag, torch.Tensor) else torch.tensor(float(flag))
+    if group is not None:
+        value = value.float().to(collective_device(group, value.device))
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
     return bool(value.item())
 
 

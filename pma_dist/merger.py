@@ -25,7 +25,6 @@ from .averaging import (
     window_weights,
 )
 from .backends import Backend, select_backend
-from .comm import collective_device, default_group
 from .config import METHODS, PMAConfig
 from .errors import NonFiniteSnapshotError, PMAStateError
 from .offload import empty_slot, slot_device
@@ -140,7 +139,9 @@ class Merger:
         if self._swap_active:
             raise RuntimeError("Merger.snapshot() inside swapped(): the live weights are merged")
         shards = self._local_tensors()
-        if self.config.on_nonfinite != "ignore" and not self._all_ranks_finite(shards):
+        if self.config.on_nonfinite != "ignore" and not comm.all_true(
+            all_finite(shards), self._group
+        ):
             where = f"step {self.schedule.steps_seen}, {self.schedule.tokens_seen} tokens"
             if self.config.on_nonfinite == "raise":
                 raise NonFiniteSnapshotError(
@@ -269,15 +270,6 @@ class Merger:
         with torch.no_grad():
             fill()
         self.backend.end_write()
-
-    def _all_ranks_finite(self, shards: list[torch.Tensor]) -> bool:
-        flag = all_finite(shards)
-        group = self._group if self._group is not None else default_group()
-        if group is not None:
-            device = collective_device(group, flag.device)
-            flag = flag.to(device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
-        return bool(flag.item())
 
     def state_dict(self) -> dict[str, Any]:
         """The averaging state: slots as DTensors (or tensors) that DCP saves sharded."""
