@@ -89,3 +89,35 @@ def save_figures(path: str | None, payload: dict) -> None:
     """``payload`` plus a description of this machine, as JSON at ``path`` (if given)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     write_json(path, {"machine": machine(device), **payload})
+
+
+def paired_overhead(off: list[float], on: list[float]) -> dict[str, float]:
+    """Relative extra time of the "on" steps, from steps run alternately on and off.
+
+    Alternating every step puts each "on" step next to an "off" step, so the drift of a shared
+    machine (block means move by several percent) cancels in the pairwise differences. Every
+    "on" step counts, the snapshot steps whole. ``error`` is two standard errors of the mean
+    difference, relative like ``overhead``.
+    """
+    diffs = [b - a for a, b in zip(off, on)]
+    base = statistics.mean(off)
+    error = 2 * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return {"overhead": statistics.mean(diffs) / base, "error": error / base}
+
+
+def record_merger_steps(merger) -> list[tuple[float, bool]]:
+    """Wrap ``merger.step`` to record each call's seconds and whether it took a snapshot.
+
+    On CPU the snapshot runs inside the call, so the sum is the time training spends in PMA.
+    """
+    calls: list[tuple[float, bool]] = []
+    inner = merger.step
+
+    def step(*args, **kwargs) -> bool:
+        start = time.perf_counter()
+        took = inner(*args, **kwargs)
+        calls.append((time.perf_counter() - start, took))
+        return took
+
+    merger.step = step
+    return calls

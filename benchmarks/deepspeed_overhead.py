@@ -5,8 +5,8 @@
 Per stage: (1) one snapshot of the fp32 master partition (window mode, with and without the
 non-finite check) against ``_foreach_copy_`` of the same partition bytes; (2) training-step
 time with PMA on (interval 100 steps, window 10) against PMA off on the same engine (its
-``step`` without the PMA hook), alternating in blocks of 100 steps so that machine drift hits
-both alike.
+``step`` without the PMA hook), the two taking turns step by step so that the machine's drift
+cancels, every call of the PMA hook timed too (as in training_overhead.py).
 """
 
 from __future__ import annotations
@@ -51,16 +51,20 @@ def _engine(stage: int, millions: float, pma: dict | None, world: int):
     return engine
 
 
-def _train(engine, steps: int) -> float:
+def _train(engine, steps: dict, count: int) -> dict[str, list[float]]:
+    """Seconds of each of ``count`` steps per setting, the settings taking turns step by step."""
     import torch
 
     x = torch.randn(8, 1024, dtype=torch.bfloat16)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = engine(x).float().pow(2).mean()
-        engine.backward(loss)
-        engine.step()
-    return time.perf_counter() - start
+    times = {name: [] for name in steps}
+    for _ in range(count):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            loss = engine(x).float().pow(2).mean()
+            engine.backward(loss)
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def worker(args) -> None:
@@ -68,7 +72,7 @@ def worker(args) -> None:
 
     import torch
     import torch.distributed as dist
-    from common import interleaved_medians
+    from common import interleaved_medians, paired_overhead, record_merger_steps
 
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -100,13 +104,9 @@ def worker(args) -> None:
             world,
         )
         steps = {"on": engine.step, "off": type(engine).step.__get__(engine)}
-        _train(engine, 5)
-        times = {"on": [], "off": []}
-        for block in range(args.blocks):
-            for name in ("on", "off") if block % 2 == 0 else ("off", "on"):
-                engine.step = steps[name]
-                times[name].append(_train(engine, 100))
-        engine.step = steps["on"]
+        _train(engine, steps, 3)
+        calls = record_merger_steps(engine.pma)
+        times = _train(engine, steps, args.steps)
         snapshots = engine.pma.num_snapshots
         row = {
             "stage": stage,
@@ -114,11 +114,12 @@ def worker(args) -> None:
             "snapshot_seconds": t,
             "window_bandwidth_vs_copy": t["copy"] / t["window"],
             "window_checked_bandwidth_vs_copy": t["copy"] / t["window_checked"],
-            "step_ms_off": 1000 * statistics.median(times["off"]) / 100,
-            "step_ms_on": 1000 * statistics.median(times["on"]) / 100,
+            "step_ms_off": 1000 * statistics.mean(times["off"]),
+            "step_ms_on": 1000 * statistics.mean(times["on"]),
             "snapshots_taken": snapshots,
+            **paired_overhead(times["off"], times["on"]),
+            "time_in_pma": sum(seconds for seconds, _ in calls) / sum(times["on"]),
         }
-        row["training_overhead"] = row["step_ms_on"] / row["step_ms_off"] - 1
         row["snapshot_share_of_100_steps"] = t["window_checked"] / (row["step_ms_off"] / 10)
         rows.append(row)
         del engine
@@ -132,7 +133,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--params-millions", type=float, default=8)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--blocks", type=int, default=2, help="blocks of 100 steps per setting")
+    parser.add_argument("--steps", type=int, default=400, help="timed steps per setting")
     parser.add_argument("--out")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,21 +142,21 @@ def main() -> None:
     worker_args = [
         f"--params-millions={args.params_millions}",
         f"--repeats={args.repeats}",
-        f"--blocks={args.blocks}",
+        f"--steps={args.steps}",
     ]
     result = torchrun_json(__file__, args.nproc, worker_args)
     print(
         "| ZeRO | partition MB/rank | window BW vs copy | + check | step ms off | step ms on "
-        "| measured overhead | snapshot / 100 steps |"
+        "| overhead | time in PMA | snapshot / 100 steps |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         print(
             f"| {r['stage']} | {r['partition_bytes'] / 2**20:.0f} "
             f"| {r['window_bandwidth_vs_copy']:.0%} "
             f"| {r['window_checked_bandwidth_vs_copy']:.0%} | {r['step_ms_off']:.1f} "
-            f"| {r['step_ms_on']:.1f} | {r['training_overhead']:+.2%} "
-            f"| {r['snapshot_share_of_100_steps']:.3%} |"
+            f"| {r['step_ms_on']:.1f} | {r['overhead']:+.2%} ± {r['error']:.2%} "
+            f"| {r['time_in_pma']:.3%} | {r['snapshot_share_of_100_steps']:.3%} |"
         )
     save_figures(args.out, result)
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -51,37 +49,3 @@ def test_inspect_reads_a_dcp_checkpoint(tmp_path: Path) -> None:
     assert summary["slot_bytes"] == 3 * 4 * sum(p.numel() for p in model.parameters())
     missing = run_cli("inspect", str(tmp_path))
     assert missing.returncode == 2 and "no .metadata" in missing.stderr
-
-
-def test_benchmark_harness_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "snapshot.json"
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "snapshot_bandwidth.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--sizes", "1", "--repeats", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    row = json.loads(out.read_text())["rows"][0]
-    assert row["bytes"] == 4_000_000 and row["window_bandwidth_vs_copy"] > 0
-
-
-@pytest.mark.parametrize(
-    "script, args",
-    [
-        ("online_vs_offline.py", ["--params-millions", "1", "--window", "2", "--repeats", "1"]),
-        ("memory_per_rank.py", ["--params-millions", "2", "--sizes", "1,2"]),
-    ],
-)
-def test_more_benchmark_harnesses_smoke(tmp_path: Path, script: str, args: list[str]) -> None:
-    out = tmp_path / "result.json"
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / script
-    done = subprocess.run(
-        [sys.executable, str(path), *args, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(out.read_text())["rows"]

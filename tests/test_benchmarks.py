@@ -1,0 +1,74 @@
+"""The benchmark harnesses run (tiny sizes; the figures themselves live in ``make bench``)."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_benchmark_harness_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "snapshot.json"
+    script = BENCHMARKS / "snapshot_bandwidth.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--sizes", "1", "--repeats", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["bytes"] == 4_000_000 and row["window_bandwidth_vs_copy"] > 0
+
+
+@pytest.mark.parametrize(
+    "script, args, key",
+    [
+        (
+            "online_vs_offline.py",
+            ["--params-millions", "1", "--window", "2", "--repeats", "1"],
+            "rows",
+        ),
+        ("memory_per_rank.py", ["--params-millions", "2", "--sizes", "1,2"], "rows"),
+        ("training_overhead.py", ["--steps", "3"], "overhead"),
+    ],
+)
+def test_more_benchmark_harnesses_smoke(
+    tmp_path: Path, script: str, args: list[str], key: str
+) -> None:
+    out = tmp_path / "result.json"
+    path = BENCHMARKS / script
+    done = subprocess.run(
+        [sys.executable, str(path), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["machine"]["torch"] and key in figures
+
+
+def test_paired_overhead_cancels_drift_and_charges_snapshot_steps() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from common import paired_overhead
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    rng = random.Random(0)
+    drift = [0.100 * (1 + 0.2 * (i // 100 % 2)) for i in range(1000)]
+    off = [d + rng.gauss(0, 0.002) for d in drift]
+    on = [d + rng.gauss(0, 0.002) + (0.050 if i % 100 == 37 else 0.0) for i, d in enumerate(drift)]
+    measured = paired_overhead(off, on)
+    truth = 0.050 / 100 / statistics.mean(off)
+    assert abs(measured["overhead"] - truth) < max(measured["error"], 1e-4)
+    assert measured["error"] < 0.005
+    slowed = paired_overhead(off, [t * 1.01 for t in on])
+    assert slowed["overhead"] - slowed["error"] > 0.009
