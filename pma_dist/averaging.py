@@ -95,7 +95,7 @@ def all_finite(tensors: Tensors) -> torch.Tensor:
         if members[0].device.type == "cpu":
             parts = [t.sum(dtype=torch.float32) for t in members]
         else:
-            parts = torch._foreach_norm(members, 1)
+            parts = torch._foreach_norm(members, 1, dtype=torch.float32)
         sums.append(torch.stack(parts).float().sum())
     device = tensors[0].device
     total = torch.stack([s.to(device) for s in sums]).sum()
@@ -283,7 +283,9 @@ def _weighted_sum_staged(
     weights: list[float],
     dtype: torch.dtype,
 ) -> None:
-    """``outs[i] = sum_s weights[s] * slots[s][i]`` with slots on another device, chunk by chunk."""
+    """``outs[i] = sum_s weights[s] * slots[s][i]`` with slots on another device, chunk by chunk.
+
+    Returns once the device has read the slots, so that the host may overwrite them (``load``)."""
     for i, out in enumerate(outs):
         flat_out = out.view(-1)
         flats = [slot[i].view(-1) for slot in slots]
@@ -292,6 +294,8 @@ def _weighted_sum_staged(
             for flat, weight in zip(flats[1:], weights[1:]):
                 acc.add_(flat[part].to(out.device, non_blocking=True), alpha=weight)
             flat_out[part].copy_(acc)
+    if outs:
+        torch.get_device_module(outs[0].device).synchronize(outs[0].device)
 
 
 def _lerp_staged(dst: list[torch.Tensor], src: list[torch.Tensor], weight: float) -> None:

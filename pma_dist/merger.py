@@ -68,7 +68,8 @@ class Merger:
         self.schedule = SnapshotSchedule.from_config(self.config)
         self._model = model
         self._group = process_group
-        self._has_optimizer = hasattr(optimizer, "register_step_pre_hook")
+        hooked = _step_hook_target(optimizer)
+        self._step_hooked = hooked is not None
         self._pending_tokens: int | None = None
         shards = self.backend.shards()
         self.names = [s.name for s in shards]
@@ -80,8 +81,8 @@ class Merger:
         self.history: deque[tuple[int, int]] = deque(maxlen=self.config.window or 1)
         """``(step, tokens)`` at each snapshot in the window, oldest first."""
         self._swap_active = False
-        if self._has_optimizer and self.config.offload != "none":
-            optimizer.register_step_pre_hook(lambda *_: self._state.wait_device())
+        if hooked is not None and self.config.offload != "none":
+            hooked.register_step_pre_hook(lambda *_: self._state.wait_device())
 
     def _build_state(self, like: list[torch.Tensor]) -> AveragingState:
         config = self.config
@@ -152,7 +153,7 @@ class Merger:
             log.warning("PMA snapshot at %s skipped: NaN/Inf on at least one rank", where)
             return False
         self._state.snapshot(shards)
-        if not self._has_optimizer:
+        if not self._step_hooked:
             self._state.wait_host()
         self.history.append((self.schedule.steps_seen, self.schedule.tokens_seen))
         return True
@@ -472,3 +473,13 @@ def _local(tensor: Any) -> torch.Tensor:
 def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
     for d, s in zip(dst, src):
         d.copy_(s)
+
+
+def _step_hook_target(optimizer: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer whose ``step`` writes the averaged tensors, for a pre-hook that
+    orders it after pending snapshot copies. DeepSpeed's ZeRO and bf16 optimizers are not
+    torch optimizers; the one they wrap (``.optimizer``) writes the fp32 master partitions."""
+    for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
+        if hasattr(candidate, "register_step_pre_hook"):
+            return candidate
+    return None

@@ -55,6 +55,8 @@ class SideStreamCopy:
     def copy(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
         """Start ``dst[i].copy_(src[i])`` for all i, after the work queued so far on ``src``."""
         self._stream.wait_stream(self._module.current_stream(self._device))
+        for tensor in src:
+            tensor.record_stream(self._stream)
         with self._module.stream(self._stream):
             torch._foreach_copy_(list(dst), list(src), non_blocking=True)
             self._event = self._module.Event()

@@ -19,6 +19,7 @@ import torch
 
 from .backends.base import Shard
 from .errors import PMAStateError
+from .offload import chunks
 
 FORMAT = "pma_dist-fragments"
 FILE_PATTERN = "pma_rank{rank:05d}.pt"
@@ -43,8 +44,11 @@ def bit_checksum(tensor: torch.Tensor) -> int:
     if tensor.numel() == 0:
         return 0
     kinds = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    bits = tensor.detach().contiguous().view(kinds[tensor.element_size()])
-    return int(bits.to(torch.int64).sum().item())
+    bits = tensor.detach().contiguous().view(kinds[tensor.element_size()]).view(-1)
+    total = torch.zeros((), dtype=torch.int64, device=tensor.device)
+    for part in chunks(bits.numel()):
+        total += bits[part].sum(dtype=torch.int64)
+    return int(total.item())
 
 
 def rank_file(directory: Path, rank: int) -> Path:

@@ -53,6 +53,7 @@ def _parity_worker(rank: int, world_size: int, stage: int, zero: dict) -> dict:
         assert all(torch.equal(snapshot[k], v) for k, v in reference(engine).items()), "master"
         assert all(torch.equal(working[k], v) for k, v in full_working(engine).items()), "working"
     assert engine.pma.num_snapshots == STEPS
+    assert engine.pma._step_hooked, "the wrapped torch optimizer orders its step after copies"
     plain = make_engine(stage, world_size, None, **zero)
     out["losses_without_pma"] = [engine_step(plain, s, rank, world_size) for s in range(STEPS)]
     return out if rank == 0 else {}

@@ -47,3 +47,65 @@ def test_offloaded_slots_match_reference(window: int | None) -> None:
         window_reference(snapshots, window, "wma") if window else merge_reference(snapshots, "wma")
     )
     assert_close_rel(merged, expected, 1e-6, "offloaded merge")
+
+
+def test_optimizer_step_waits_for_the_side_stream_copy() -> None:
+    """A snapshot copy held back on its stream must still read the pre-step weights."""
+    device = torch.device("cuda")
+    model = make_model().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    merger = Merger(model, optimizer, PMAConfig(window=2, interval_steps=1, offload="cpu"))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = {k: v.clone() for k, v in full_state(model).items()}
+    (side_copy,) = merger._state._side_copies.values()
+    side = side_copy._stream
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(2_000_000_000)
+    assert merger.snapshot()
+    optimizer.step()
+    merger._state.wait_host()
+    slot = dict(zip(merger.names, merger._state.slots[0]))
+    assert slot.keys() == before.keys()
+    for name, tensor in before.items():
+        assert torch.equal(slot[name], tensor.cpu()), name
+
+
+def test_fp16_weights_with_large_sums_are_finite() -> None:
+    """The finite check sums in fp32: an fp16 L1 norm above 65504 is not a non-finite weight."""
+    model = make_model(dtype=torch.float16).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(100.0)
+    merger = Merger(model, None, PMAConfig(window=2, interval_steps=1, on_nonfinite="raise"))
+    assert merger.snapshot() and merger.num_snapshots == 1
+
+
+def _fsdp2_offloaded_checkpoint(rank: int, world_size: int, directory: str) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from tests.support.models import shard_fsdp2
+
+    model = shard_fsdp2(make_model().cuda(), world_size, device_type="cuda")
+    merger = Merger(model, None, PMAConfig(window=2, interval_steps=1, offload="cpu"))
+    assert merger.snapshot()
+    allocated = torch.cuda.memory_allocated()
+    state = merger.state_dict()
+    locals_ = [v.to_local() for slot in state["slots"].values() for v in slot.values()]
+    assert all(t.device.type == "cpu" for t in locals_)
+    assert torch.cuda.memory_allocated() == allocated
+    saved = [[t.clone() for t in slot] for slot in merger._state.slots]
+    dcp.save({"pma": merger}, checkpoint_id=directory)
+    for slot in merger._state.slots:
+        for t in slot:
+            t.zero_()
+    dcp.load({"pma": merger}, checkpoint_id=directory)
+    for got, want in zip(merger._state.slots, saved):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_fsdp2_offloaded_state_is_checkpointed_from_host_memory(tmp_path) -> None:
+    """DCP saves and loads host slots of a CUDA-mesh FSDP2 model without copying them to GPU."""
+    from tests.support.distributed import run_ranks
+
+    run_ranks(_fsdp2_offloaded_checkpoint, 1, str(tmp_path / "ckpt"), backend="cpu:gloo,cuda:nccl")

@@ -20,14 +20,16 @@ from .plain import trainable_parameters
 
 
 def _like_param(param: DTensor, buffer: torch.Tensor) -> DTensor:
-    return DTensor.from_local(
-        buffer,
-        param.device_mesh,
-        param.placements,
-        run_check=False,
-        shape=param.shape,
-        stride=param.stride(),
-    )
+    """``buffer`` (a slot, perhaps in host memory) as a DTensor laid out like ``param``.
+
+    Built directly, as FSDP2 builds its CPU-offloaded parameters: ``DTensor.from_local`` would
+    move a host slot onto the mesh's device, a whole slot of accelerator memory at every save.
+    """
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    meta = TensorMeta(param.shape, param.stride(), buffer.dtype)
+    spec = DTensorSpec(param.device_mesh, param.placements, tensor_meta=meta)
+    return DTensor(buffer, spec, requires_grad=False)
 
 
 def _fragments(name: str, param: DTensor) -> tuple[Fragment, ...]:

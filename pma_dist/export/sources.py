@@ -112,6 +112,7 @@ class DeepSpeedSource:
                         f.local_start : f.local_start + f.numel
                     ]
                 if group is not None:
+                    full = full.to(comm.collective_device(group, full.device))
                     dist.all_reduce(full, group=group)
                 yield name, full.view(self.shapes[name])
 

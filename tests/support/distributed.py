@@ -46,6 +46,7 @@ def _rank_main(
     port: int,
     out: str,
     collective_timeout: float,
+    backend: str,
     args: tuple,
 ) -> None:
     os.environ.update(
@@ -61,8 +62,10 @@ def _rank_main(
     torch.set_num_threads(1)
     result_path = Path(out) / f"rank{rank}.pt"
     try:
+        if torch.cuda.is_available() and "nccl" in backend:
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=collective_timeout),
@@ -89,9 +92,12 @@ def run_rank_outcomes(
     timeout: float = 300,
     collective_timeout: float = COLLECTIVE_TIMEOUT_S,
     stop_on_failure: bool = True,
+    backend: str = "gloo",
 ) -> list[RankOutcome]:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; how each one ended.
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks; how each one ended.
 
+    ``backend`` is the process group's (gloo; ``"cpu:gloo,cuda:nccl"`` for GPU ranks, one
+    device each).
     ``fn`` must be importable by name (a module-level function). With ``stop_on_failure`` the
     other ranks are killed as soon as one fails; without it they run until they end on their
     own (e.g. to see that survivors of a killed rank fail by themselves). Ranks still running
@@ -105,7 +111,7 @@ def run_rank_outcomes(
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(fn, r, world_size, port, out, collective_timeout, args),
+                args=(fn, r, world_size, port, out, collective_timeout, backend, args),
                 daemon=True,
             )
             for r in range(world_size)
@@ -153,13 +159,17 @@ def run_rank_outcomes(
 
 
 def run_ranks(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300,
+    backend: str = "gloo",
 ) -> list[Any]:
     """Like :func:`run_rank_outcomes`, but every rank must succeed: their return values.
 
     Raises ``RuntimeError`` with the traceback of every failing rank.
     """
-    outcomes = run_rank_outcomes(fn, world_size, *args, timeout=timeout)
+    outcomes = run_rank_outcomes(fn, world_size, *args, timeout=timeout, backend=backend)
     errors = [f"--- rank {r} ---\n{o.error}" for r, o in enumerate(outcomes) if o.error]
     if errors:
         raise RuntimeError(f"{fn.__name__} failed on {world_size} ranks:\n" + "\n".join(errors))

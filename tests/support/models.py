@@ -24,7 +24,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
-        mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+        mask = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device), 1)
         x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
         return x + self.ff(self.norm2(x))
 
@@ -52,12 +52,12 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyLM:
     return TinyLM().to(dtype)
 
 
-def shard_fsdp2(model: TinyLM, world_size: int) -> TinyLM:
-    """Apply FSDP2 ``fully_shard`` per block and at the root over a CPU mesh."""
+def shard_fsdp2(model: TinyLM, world_size: int, device_type: str = "cpu") -> TinyLM:
+    """Apply FSDP2 ``fully_shard`` per block and at the root over a 1-D mesh."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world_size,))
+    mesh = init_device_mesh(device_type, (world_size,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
