@@ -53,12 +53,21 @@ class SideStreamCopy:
         self._event = None
 
     def copy(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
-        """Start ``dst[i].copy_(src[i])`` for all i, after the work queued so far on ``src``."""
+        """Start ``dst[i].copy_(src[i])`` for all i, after the work queued so far on ``src``.
+
+        A copy that changes dtype converts on the device first; chunks bound that temporary."""
         self._stream.wait_stream(self._module.current_stream(self._device))
         for tensor in src:
             tensor.record_stream(self._stream)
+        same = [(d, s) for d, s in zip(dst, src) if d.dtype == s.dtype]
+        converted = [(d, s) for d, s in zip(dst, src) if d.dtype != s.dtype]
         with self._module.stream(self._stream):
-            torch._foreach_copy_(list(dst), list(src), non_blocking=True)
+            if same:
+                torch._foreach_copy_([d for d, _ in same], [s for _, s in same], non_blocking=True)
+            for d, s in converted:
+                flat_dst, flat_src = d.view(-1), s.view(-1)
+                for part in chunks(d.numel()):
+                    flat_dst[part].copy_(flat_src[part], non_blocking=True)
             self._event = self._module.Event()
             self._event.record(self._stream)
 

@@ -109,3 +109,16 @@ def test_fsdp2_offloaded_state_is_checkpointed_from_host_memory(tmp_path) -> Non
     from tests.support.distributed import run_ranks
 
     run_ranks(_fsdp2_offloaded_checkpoint, 1, str(tmp_path / "ckpt"), backend="cpu:gloo,cuda:nccl")
+
+
+def test_bf16_weights_reach_fp32_host_slots_exactly() -> None:
+    """bf16 -> fp32 is exact; the converting copy runs in chunks (crossing a chunk boundary)."""
+    model = make_model(dtype=torch.bfloat16).cuda()
+    model.big = torch.nn.Parameter(torch.randn(STAGING_NUMEL + 5, device="cuda").bfloat16())
+    merger = Merger(model, None, PMAConfig(window=2, interval_steps=1, offload="cpu"))
+    assert merger.snapshot()
+    merger._state.wait_host()
+    params = dict(model.named_parameters())
+    for name, slot in zip(merger.names, merger._state.slots[0]):
+        assert slot.dtype == torch.float32
+        assert torch.equal(slot, params[name].detach().float().cpu()), name
