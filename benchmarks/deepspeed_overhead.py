@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -124,8 +125,10 @@ def worker(args) -> None:
         rows.append(row)
         del engine
     if rank == 0:
-        print(json.dumps({"world_size": world, "rows": rows}))
-    dist.destroy_process_group()
+        print(json.dumps({"world_size": world, "rows": rows}), flush=True)
+    dist.barrier()
+    # Leave without interpreter teardown: DeepSpeed's shared-memory communicator can abort in it.
+    os._exit(0)
 
 
 def main() -> None:
