@@ -105,14 +105,19 @@ class SpikeGuard:
         return True
 
     def _global(self, loss, grad_norm) -> tuple[float, float | None]:
-        values = [float(loss), float("nan") if grad_norm is None else float(grad_norm)]
+        """Loss and grad norm averaged over the ranks: one all-reduce where the loss lives and
+        one host sync, so a device loss is read once per step."""
         group = comm.default_group()
+        where = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
         if group is not None:
-            device = comm.collective_device(group, torch.device("cpu"))
-            tensor = torch.tensor(values, dtype=torch.float64, device=device)
-            dist.all_reduce(tensor, group=group)
-            values = (tensor / dist.get_world_size(group)).tolist()
-        return values[0], (None if grad_norm is None else values[1])
+            where = comm.collective_device(group, where)
+        norm = float("nan") if grad_norm is None else grad_norm
+        values = torch.stack([_scalar(loss, where), _scalar(norm, where)])
+        if group is not None:
+            dist.all_reduce(values, group=group)
+            values /= dist.get_world_size(group)
+        mean_loss, mean_norm = values.tolist()
+        return mean_loss, (None if grad_norm is None else mean_norm)
 
     def _threshold(self, recent: deque, factor: float | None = None) -> float | None:
         if len(recent) < self.config.min_history:
@@ -160,3 +165,9 @@ def _reset_state(optimizer) -> None:
     while not isinstance(getattr(inner, "state", None), dict) and hasattr(inner, "optimizer"):
         inner = inner.optimizer
     inner.state.clear()
+
+
+def _scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+    return torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())

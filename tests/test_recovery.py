@@ -25,7 +25,7 @@ def _train(model, optimizer, merger, guard, steps=70, spike=SPIKE, spike_lr=0.3,
         merger.step()
         losses.append(loss.item())
         if guard is not None:
-            guard.observe(loss.item())
+            guard.observe(loss)
     return losses
 
 
