@@ -476,10 +476,15 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 
 
 def _step_hook_target(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The torch optimizer whose ``step`` writes the averaged tensors, for a pre-hook that
-    orders it after pending snapshot copies. DeepSpeed's ZeRO and bf16 optimizers are not
-    torch optimizers; the one they wrap (``.optimizer``) writes the fp32 master partitions."""
-    for candidate in (optimizer, getattr(optimizer, "optimizer", None)):
-        if hasattr(candidate, "register_step_pre_hook"):
-            return candidate
-    return None
+    """The innermost torch optimizer, whose ``step`` writes the averaged tensors, for a pre-hook
+    that orders it after pending snapshot copies. Wrappers (DeepSpeed's ZeRO and bf16
+    optimizers, Accelerate's ``AcceleratedOptimizer``) keep it as ``.optimizer``; their own
+    ``step`` does not run torch's step hooks."""
+    target = None
+    for _ in range(4):
+        if optimizer is None:
+            break
+        if hasattr(optimizer, "register_step_pre_hook"):
+            target = optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return target

@@ -1,5 +1,6 @@
-"""Accelerate: the DeepSpeed plugin carries the "pma" section (2 CPU ranks), and attaching to
-an FSDP run whose parameters were silently left unsharded is refused."""
+"""Accelerate: the DeepSpeed plugin carries the "pma" section (2 CPU ranks), attaching to an
+FSDP run whose parameters were silently left unsharded is refused, and a Merger built on a
+prepared optimizer hooks the torch optimizer inside it."""
 
 from __future__ import annotations
 
@@ -75,3 +76,36 @@ def _fsdp_fallback_worker(rank: int, world_size: int) -> str:
 def test_fsdp_requested_but_unsharded_is_refused() -> None:
     for message in run_ranks(_fsdp_fallback_worker, 2):
         assert "FSDP was requested but the prepared model's parameters are not sharded" in message
+
+
+def _prepared_optimizer_worker(rank: int, world_size: int) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from pma_dist import Merger, PMAConfig
+    from tests.support.models import full_state
+
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    model = make_model(seed=0)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=2e-2))
+    config = PMAConfig(method="sma", window=2, interval_steps=1, offload="cpu")
+    merger = Merger(model, optimizer, config)
+    snapshots = []
+    for step in range(3):
+        accelerator.backward(loss_of(model, batch(step, rank, world_size)))
+        optimizer.step()
+        optimizer.zero_grad()
+        merger.step()
+        snapshots.append(full_state(model))
+    with merger.swapped():
+        merged = full_state(model)
+    return {"hooked": merger._step_hooked, "snapshots": snapshots, "merged": merged}
+
+
+def test_an_accelerate_prepared_optimizer_takes_the_step_hook_inside() -> None:
+    """AcceleratedOptimizer is a torch Optimizer that skips its base __init__: the step pre-hook
+    (needed with offload) goes on the torch optimizer it wraps."""
+    (result,) = run_ranks(_prepared_optimizer_worker, 1)
+    assert result["hooked"]
+    expected = window_reference(result["snapshots"], 2, "sma")
+    assert_close_rel(result["merged"], expected, 1e-6, "merge through a prepared optimizer")
