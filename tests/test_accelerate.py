@@ -19,6 +19,17 @@ from tests.support.models import batch, loss_of, make_model  # noqa: E402
 from tests.support.reference import assert_close_rel, window_reference  # noqa: E402
 
 
+def _train(accelerator, model, optimizer, rank: int, world_size: int, after_step) -> list:
+    """Three steps; what ``after_step()`` returns after each."""
+    out = []
+    for step in range(3):
+        accelerator.backward(loss_of(model, batch(step, rank, world_size)))
+        optimizer.step()
+        optimizer.zero_grad()
+        out.append(after_step())
+    return out
+
+
 def _deepspeed_plugin_worker(rank: int, world_size: int) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
@@ -33,12 +44,7 @@ def _deepspeed_plugin_worker(rank: int, world_size: int) -> dict:
     model = make_model(seed=0)
     model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=2e-2))
     merger = attach(accelerator, model, optimizer)
-    snapshots = []
-    for step in range(3):
-        accelerator.backward(loss_of(model, batch(step, rank, world_size)))
-        optimizer.step()
-        optimizer.zero_grad()
-        snapshots.append(full_fp32(model))
+    snapshots = _train(accelerator, model, optimizer, rank, world_size, lambda: full_fp32(model))
     with merger.swapped():
         merged = full_fp32(model)
     out = {"count": merger.num_snapshots, "snapshots": snapshots, "merged": merged}
@@ -90,13 +96,9 @@ def _prepared_optimizer_worker(rank: int, world_size: int) -> dict:
     model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=2e-2))
     config = PMAConfig(method="sma", window=2, interval_steps=1, offload="cpu")
     merger = Merger(model, optimizer, config)
-    snapshots = []
-    for step in range(3):
-        accelerator.backward(loss_of(model, batch(step, rank, world_size)))
-        optimizer.step()
-        optimizer.zero_grad()
-        merger.step()
-        snapshots.append(full_state(model))
+    snapshots = _train(
+        accelerator, model, optimizer, rank, world_size, lambda: merger.step() and full_state(model)
+    )
     with merger.swapped():
         merged = full_state(model)
     return {"hooked": merger._step_hooked, "snapshots": snapshots, "merged": merged}
