@@ -58,8 +58,12 @@ def main() -> None:
     except Stopped as stop:
         if dist.get_rank() == 0:
             print(stop)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Ranks leave together: none tears down while rank 0 still writes the report.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -81,7 +81,9 @@ def test_deepspeed_zero2_run(tmp_path: Path) -> None:
 def test_two_torchrun_nodes_train_with_hsdp(tmp_path: Path) -> None:
     config = tiny_config(tmp_path / "nodes.yaml")
     node0, node1 = two_nodes("--config", str(config), "--run-dir", str(tmp_path / "run"))
-    assert node1.returncode == 0, node1.stderr[-3000:]
+    assert node0.returncode == node1.returncode == 0, (
+        f"node 0:\n{node0.stderr[-3000:]}\nnode 1:\n{node1.stderr[-3000:]}"
+    )
     report = _check_run(tmp_path / "run", node0)
     assert report["world_size"] == 4
 
