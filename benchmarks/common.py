@@ -105,18 +105,18 @@ def paired_overhead(off: list[float], on: list[float]) -> dict[str, float]:
     return {"overhead": statistics.mean(diffs) / base, "error": error / base}
 
 
-def record_merger_steps(merger) -> list[tuple[float, bool]]:
-    """Wrap ``merger.step`` to record each call's seconds and whether it took a snapshot.
+def record_merger_steps(merger) -> list[float]:
+    """Wrap ``merger.step`` to record the seconds of each call.
 
     On CPU the snapshot runs inside the call, so the sum is the time training spends in PMA.
     """
-    calls: list[tuple[float, bool]] = []
+    calls: list[float] = []
     inner = merger.step
 
     def step(*args, **kwargs) -> bool:
         start = time.perf_counter()
         took = inner(*args, **kwargs)
-        calls.append((time.perf_counter() - start, took))
+        calls.append(time.perf_counter() - start)
         return took
 
     merger.step = step

@@ -77,7 +77,7 @@ def worker(args) -> None:
             "step_ms_off": off,
             "step_ms_on": on,
             **paired_overhead(times["off"], times["on"]),
-            "time_in_pma": sum(seconds for seconds, _ in calls) / sum(times["on"]),
+            "time_in_pma": sum(calls) / sum(times["on"]),
             "snapshot_ms": 1000 * snapshot,
             "snapshot_share_of_100_steps": 1000 * snapshot / (100 * off),
             "snapshots_taken": trainer.merger.num_snapshots - 5,
