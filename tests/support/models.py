@@ -46,6 +46,30 @@ class TinyLM(nn.Module):
         return self.head(self.norm(x)) * self.mix.mean()
 
 
+class BufferedLM(TinyLM):
+    """TinyLM with a persistent floating buffer that training moves outside the optimizer (like
+    the expert bias of auxiliary-loss-free MoE balancing), an integer buffer and a
+    non-persistent one (neither of which is ever averaged)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("balance", torch.zeros(5))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("scratch", torch.zeros(3), persistent=False)
+
+    def update_buffers(self, step: int) -> None:
+        """Move the buffers the way a balancing rule would: by a step-dependent amount."""
+        with torch.no_grad():
+            self.balance.add_(torch.linspace(-1, 1, 5, device=self.balance.device) * (step + 1))
+            self.seen.add_(1)
+            self.scratch.add_(1.0)
+
+
+def make_buffered_model(seed: int = 0) -> BufferedLM:
+    torch.manual_seed(seed)
+    return BufferedLM()
+
+
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyLM:
     """The same initial weights on every rank for a given seed."""
     torch.manual_seed(seed)
