@@ -61,7 +61,9 @@ def main() -> None:
     except BaseException:
         dist.destroy_process_group()
         raise
-    # Ranks leave together: none tears down while rank 0 still writes the report.
+    # Ranks leave together: none tears down while rank 0 still writes the report. Then the
+    # group is destroyed while everything it uses is alive (README, "Exit"): a group left to
+    # interpreter teardown can abort the process after training finished.
     dist.barrier()
     dist.destroy_process_group()
 

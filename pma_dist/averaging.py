@@ -11,18 +11,27 @@ Two states keep averages of it, both exact:
 
 Slots accumulate in fp32 (or the configured dtype) whatever the dtype of the shard, and all work
 is done with ``torch._foreach_*`` over groups of tensors that share a device and a dtype.
+
+Every slot has a :class:`SlotRecord` (which snapshot, at which step and token count, still
+valid or not). Merges read the valid slots in the order the snapshots were taken, so a slot can
+be dropped (a rolled-back trajectory) without moving data, and a slot whose weight is zero is
+never read. Tensors may carry padding that no one initialized (``runs``): snapshots copy and
+checks read only the real elements, and padding in the slots stays zero.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .offload import SideStreamCopy, chunks, empty_slot, slot_device
 
 Tensors = Sequence[torch.Tensor]
+Runs = tuple[tuple[int, int], ...] | None
 CPU_BLOCK_NUMEL = 1 << 20
 """Elements per block of a CPU merge (4 MiB of fp32: the accumulator stays in cache)."""
 
@@ -56,6 +65,28 @@ def running_weight(method: str, k: int, alpha: float = 0.2) -> float:
     if method == "ema":
         return float(alpha)
     raise ValueError(f"method={method!r}: must be one of sma, wma, ema")
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    """What a slot holds: which snapshot, taken when, and whether merges may use it."""
+
+    seq: int
+    """0-based number of the snapshot among all taken (orders the slots, oldest first)."""
+    step: int
+    """Optimizer steps seen when it was taken."""
+    tokens: int
+    """Tokens seen when it was taken."""
+    valid: bool = True
+    """False once dropped (e.g. taken after a loss spike that was rolled back)."""
+
+    def to_list(self) -> list:
+        return [self.seq, self.step, self.tokens, self.valid]
+
+    @classmethod
+    def from_list(cls, values: Sequence[Any]) -> SlotRecord:
+        seq, step, tokens, valid = values
+        return cls(int(seq), int(step), int(tokens), bool(valid))
 
 
 def ring_order(count: int, head: int, window: int) -> list[int]:
@@ -110,6 +141,18 @@ def _groups(tensors: Tensors) -> list[list[int]]:
     return list(by_key.values())
 
 
+def real_views(tensors: Tensors, runs: Sequence[Runs]) -> list[torch.Tensor]:
+    """``tensors`` with each padded one replaced by flat views of its real runs."""
+    out: list[torch.Tensor] = []
+    for tensor, spans in zip(tensors, runs):
+        if spans is None:
+            out.append(tensor)
+        else:
+            flat = tensor.view(-1)
+            out.extend(flat[start : start + numel] for start, numel in spans)
+    return out
+
+
 class AveragingState:
     """Slots holding snapshots of a fixed list of tensors; base of the window and running states."""
 
@@ -122,43 +165,81 @@ class AveragingState:
         *,
         dtype: torch.dtype = torch.float32,
         offload: str = "none",
+        runs: Sequence[Runs] | None = None,
     ) -> None:
         self.dtype = dtype
         self.shapes = [tuple(t.shape) for t in like]
+        self.runs: list[Runs] = list(runs) if runs is not None else [None] * len(like)
+        """Per tensor, the ``(start, numel)`` runs of real elements, or None for all of it."""
         self.slots: list[list[torch.Tensor]] = [
             [empty_slot(t, dtype, slot_device(t.device, offload)) for t in like]
             for _ in range(num_slots)
         ]
+        self.records: list[SlotRecord | None] = [None] * num_slots
+        """Per physical slot, the snapshot it holds (None while empty)."""
         self.count = 0
         """Snapshots folded in so far."""
         self._groups = _groups(like)
+        self._real_groups = _groups(self.real(like))
         self._side_copies = {
             t.device: SideStreamCopy(t.device)
             for t in like
             if t.device.type != "cpu" and slot_device(t.device, offload).type == "cpu"
         }
 
-    def snapshot(self, tensors: Tensors) -> None:
-        """Fold ``tensors`` (shaped like the shard) into the state."""
+    def real(self, tensors: Tensors) -> list[torch.Tensor]:
+        """The real (unpadded) elements of ``tensors`` (shaped like the shard) as views."""
+        return real_views(tensors, self.runs)
+
+    def snapshot(self, tensors: Tensors, step: int = 0, tokens: int = 0) -> None:
+        """Fold ``tensors`` (shaped like the shard), taken at ``step``/``tokens``, in."""
         raise NotImplementedError
 
     def logical_slots(self) -> list[int]:
-        """Indices of the filled slots, oldest snapshot first."""
-        raise NotImplementedError
+        """Indices of the valid filled slots, oldest snapshot first."""
+        return sorted(
+            (k for k, r in enumerate(self.records) if r is not None and r.valid),
+            key=lambda k: self.records[k].seq,
+        )
+
+    def merged_records(self) -> list[SlotRecord]:
+        """The records of :meth:`logical_slots`, oldest first."""
+        return [self.records[k] for k in self.logical_slots()]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and slot records (the slot tensors are saved by the caller's format)."""
+        return {
+            "count": self.count,
+            "records": [r.to_list() if r is not None else None for r in self.records],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Counters and records from :meth:`state_dict`; checked before anything changes."""
+        records = [SlotRecord.from_list(r) if r is not None else None for r in state["records"]]
+        count = int(state["count"])
+        if len(records) != len(self.slots) or count < 0:
+            raise ValueError(
+                f"{len(records)} slot records and count {count} for a state of "
+                f"{len(self.slots)} slots"
+            )
+        self.records, self.count = records, count
 
     def merge_into(self, out: Tensors, weights: Sequence[float]) -> None:
-        """Write the weighted sum of the filled slots (oldest first) into ``out``.
+        """Write the weighted sum of the valid slots (oldest first) into ``out``.
 
-        ``out`` may have any dtype; the sum is accumulated in the slot dtype first.
+        ``out`` may have any dtype; the sum is accumulated in the slot dtype first. A slot whose
+        weight is zero is not read, so whatever it holds (NaN included) cannot leak in.
         """
-        if self.count == 0:
-            raise RuntimeError("no snapshot has been taken yet: nothing to merge")
         order = self.logical_slots()
+        if not order:
+            raise RuntimeError("no snapshot is held (none taken, or all dropped): nothing to merge")
         if len(weights) != len(order):
             raise ValueError(f"{len(weights)} weights for {len(order)} snapshots")
+        pairs = [(k, float(w)) for k, w in zip(order, weights) if w != 0]
+        if not pairs:
+            raise ValueError(f"weights={list(weights)!r}: every weight is zero")
         self._check(out)
         self.wait_host()
-        pairs = list(zip(order, weights))
         for group in self._groups:
             outs = [out[i] for i in group]
             slots = [[self.slots[s][i] for i in group] for s, _ in pairs]
@@ -196,7 +277,8 @@ class AveragingState:
             )
 
     def _copy_into(self, slot: list[torch.Tensor], tensors: Tensors) -> None:
-        for group in self._groups:
+        slot, tensors = self.real(slot), self.real(tensors)
+        for group in self._real_groups:
             dst = [slot[i] for i in group]
             src = [tensors[i] for i in group]
             side = self._side_copies.get(src[0].device)
@@ -214,18 +296,28 @@ class WindowAverage(AveragingState):
     def __init__(self, like: Tensors, window: int, **kwargs) -> None:
         super().__init__(like, window, **kwargs)
         self.window = window
-        self.head = 0
-        """Physical slot the next snapshot goes to (the oldest one once the ring is full)."""
 
-    def snapshot(self, tensors: Tensors) -> None:
+    def next_slot(self) -> int:
+        """Where the next snapshot goes: an empty or dropped slot, else the oldest one."""
+        for k, record in enumerate(self.records):
+            if record is None or not record.valid:
+                return k
+        return min(range(self.window), key=lambda k: self.records[k].seq)
+
+    def snapshot(self, tensors: Tensors, step: int = 0, tokens: int = 0) -> None:
         self._check(tensors)
         self.wait_host()
-        self._copy_into(self.slots[self.head], tensors)
-        self.head = (self.head + 1) % self.window
+        slot = self.next_slot()
+        self._copy_into(self.slots[slot], tensors)
+        self.records[slot] = SlotRecord(self.count, step, tokens)
         self.count += 1
 
-    def logical_slots(self) -> list[int]:
-        return ring_order(self.count, self.head, self.window)
+    def drop(self, slots: Sequence[int]) -> None:
+        """Leave ``slots`` out of every later merge; later snapshots reuse them first."""
+        for k in slots:
+            record = self.records[k]
+            if record is not None:
+                self.records[k] = SlotRecord(record.seq, record.step, record.tokens, False)
 
 
 class RunningAverage(AveragingState):
@@ -238,27 +330,25 @@ class RunningAverage(AveragingState):
         self.method = method
         self.alpha = alpha
 
-    def snapshot(self, tensors: Tensors) -> None:
+    def snapshot(self, tensors: Tensors, step: int = 0, tokens: int = 0) -> None:
         self._check(tensors)
         weight = running_weight(self.method, self.count + 1, self.alpha)
-        slot = self.slots[0]
         if weight == 1.0:
-            self._copy_into(slot, tensors)
+            self._copy_into(self.slots[0], tensors)
             self.wait_host()
         else:
-            for group in self._groups:
+            slot, live = self.real(self.slots[0]), self.real(tensors)
+            for group in self._real_groups:
                 dst = [slot[i] for i in group]
-                src = [tensors[i] for i in group]
+                src = [live[i] for i in group]
                 if dst[0].device != src[0].device:
                     _lerp_staged(dst, src, weight)
                     continue
                 if src[0].dtype != self.dtype:
                     src = [t.to(self.dtype) for t in src]
                 torch._foreach_lerp_(dst, src, weight)
+        self.records[0] = SlotRecord(self.count, step, tokens)
         self.count += 1
-
-    def logical_slots(self) -> list[int]:
-        return [0] if self.count else []
 
 
 def _weighted_sum_blocked(

@@ -81,6 +81,19 @@ class PMAConfig:
     out), ``"raise"`` (every rank raises), or ``"ignore"`` (no check: saves one read of the shard
     and one scalar all-reduce per snapshot, for runs guarded elsewhere)."""
 
+    max_consecutive_skips: int | None = 3
+    """After this many non-finite snapshots in a row, raise ``NonFiniteSnapshotError`` naming
+    the tensors and ranks that held NaN/Inf instead of skipping on: a rare bad snapshot is
+    skipped, a run that skips every one has no average at all. A good snapshot resets the
+    count, which is saved with the state. ``None`` never raises."""
+
+    average_buffers: bool = True
+    """Average the model's persistent floating-point buffers with the parameters, as averaging
+    checkpoints offline does: training may move them outside the optimizer (the expert bias of
+    auxiliary-loss-free MoE balancing, running statistics), and a merge with live buffers next
+    to averaged weights is not the average of the checkpoints. ``False`` keeps them live.
+    Integer and non-persistent buffers are never averaged."""
+
     dtype: str = "float32"
     """Accumulation dtype of the slots. ``"float32"`` whatever the parameter dtype;
     ``"float64"`` for reference runs; lower precision is accepted with a warning."""
@@ -148,6 +161,14 @@ class PMAConfig:
             self.on_nonfinite in ON_NONFINITE,
             f"must be one of {', '.join(ON_NONFINITE)}",
         )
+        check(
+            "max_consecutive_skips",
+            self.max_consecutive_skips is None
+            or _is_int(self.max_consecutive_skips)
+            and self.max_consecutive_skips >= 1,
+            "must be a positive integer or null (never raise)",
+        )
+        check("average_buffers", isinstance(self.average_buffers, bool), "must be true or false")
         check("dtype", self.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}")
         check("enabled", isinstance(self.enabled, bool), "must be true or false")
         if problems:

@@ -42,11 +42,14 @@ def read_pma_summary(checkpoint: str | Path, key: str = "pma") -> dict[str, Any]
         raise KeyError(f"{checkpoint}: no PMA state under {key!r}; tensor roots: {roots}")
     meta = {k[len("meta.") :]: v for k, v in values.items() if k.startswith("meta.")}
     return {
+        "format": meta.get("format"),
         "mode": meta.get("mode"),
         "window": meta.get("window"),
         "running_method": meta.get("running_method"),
         "num_snapshots": values.get("count"),
         "num_skipped": values.get("num_skipped"),
+        "skip_streak": values.get("skip_streak"),
+        "buffers": len(meta.get("buffers") or []),
         "tensors": len(meta.get("names", [])),
         "slots": len({name.split(".")[1] for name in tensors}),
         "slot_bytes": sum(torch.Size(s).numel() * d.itemsize for s, d in tensors.values()),

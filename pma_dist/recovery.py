@@ -3,8 +3,9 @@ healthy snapshots instead of restarting from a checkpoint.
 
 The guard watches the training loss (and, optionally, the gradient norm). A step whose loss is
 non-finite or above ``factor`` times the median of the recent healthy losses is a spike; the
-live weights become the merge of the snapshots taken before it, the optimizer moments are reset
-(or kept), and training continues. Every rank decides alike: the loss is averaged over the
+snapshots taken on the abandoned trajectory leave the window for good, the live weights become
+the merge of those taken before it, the optimizer moments are reset (or kept), and training
+continues. Every rank decides alike: the loss is averaged over the
 ranks first (one scalar all-reduce per step).
 """
 
@@ -44,7 +45,8 @@ class SpikeGuardConfig:
     last_k: int | None = None
     """Merge the last K snapshots before the spike (None: every snapshot in the window)."""
     method: str = "sma"
-    """How those snapshots are weighted (``sma``, ``wma``, ``ema``)."""
+    """How those snapshots are weighted (``sma``, ``wma``, ``ema`` with the Merger's
+    ``ema_alpha``)."""
     reset_optimizer: bool = True
     """Clear the optimizer's state (Adam moments) after a rollback; False keeps it."""
     max_recoveries: int = 3
@@ -61,6 +63,8 @@ class SpikeGuardConfig:
             )
         if self.last_k is not None and self.last_k < 1:
             problems.append(f"last_k = {self.last_k!r}: must be a positive integer or None")
+        if self.method not in ("sma", "wma", "ema"):
+            problems.append(f"method = {self.method!r}: must be one of sma, wma, ema")
         if self.max_recoveries < 0:
             problems.append(f"max_recoveries = {self.max_recoveries!r}: must be >= 0")
         if problems:
@@ -132,28 +136,24 @@ class SpikeGuard:
                 f"{len(self.recoveries)} recoveries (max_recoveries reached)"
             )
         # The loss of step t was computed on the weights after step t - 1: those, and every
-        # snapshot from then on, are suspect.
-        healthy = [i for i, (s, _) in enumerate(self.merger.history) if s < step - 1]
+        # snapshot from then on, belong to the abandoned trajectory and leave the window.
+        dropped = self.merger.drop_snapshots(since_step=step - 1)
+        healthy = self.merger.history
         if not healthy:
             raise SpikeRecoveryExhausted(
                 f"loss spike at step {step}: no snapshot was taken before it"
             )
-        keep = healthy[-self.config.last_k :] if self.config.last_k else healthy
-        weights = [1.0 if i in keep else 0.0 for i in range(self.merger.window_size)]
-        if self.config.method != "sma":
-            from .averaging import window_weights
-
-            for i, w in zip(keep, window_weights(self.config.method, len(keep))):
-                weights[i] = w
-        self.merger.apply(weights=weights)
+        keep = min(self.config.last_k or len(healthy), len(healthy))
+        self.merger.apply(self.config.method, last=keep)
         if self.config.reset_optimizer and self.optimizer is not None:
             _reset_state(self.optimizer)
         record = {
             "step": step,
             "loss": loss,
             "threshold": threshold,
-            "snapshots_merged": len(keep),
-            "snapshot_steps": [self.merger.history[i][0] for i in keep],
+            "snapshots_merged": keep,
+            "snapshot_steps": [s for s, _ in healthy[-keep:]],
+            "snapshots_dropped": [s for s, _ in dropped],
         }
         self.recoveries.append(record)
         log.warning("PMA spike recovery: %s", record)

@@ -5,11 +5,19 @@ elements each one holds. A state saved under one layout (DeepSpeed ZeRO-2 on 8 r
 loads under another (ZeRO-3 on 16, FSDP2 on 4): every rank reads, memory-mapped, only the saved
 runs that overlap its own, and checks that they cover every element it needs before it changes
 anything.
+
+Files are plain data (dicts, lists, numbers, strings and tensors) loaded with
+``torch.load(weights_only=True)``: a file that needs anything else is refused, so a crafted file
+cannot run code on the ranks that resume from it. The tensors and the header each carry a
+checksum, so a torn or edited file is refused too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +28,11 @@ import torch
 from .backends.base import Shard
 from .errors import PMAStateError
 from .offload import chunks
+from .state_format import FORMAT_VERSION, check_version
 
 FORMAT = "pma_dist-fragments"
 FILE_PATTERN = "pma_rank{rank:05d}.pt"
+FILE_GLOB = "pma_rank*.pt"
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,18 @@ def rank_file(directory: Path, rank: int) -> Path:
     return Path(directory) / FILE_PATTERN.format(rank=rank)
 
 
+def has_state(directory: Path) -> bool:
+    """True when ``directory`` holds per-rank PMA state files."""
+    return any(Path(directory).glob(FILE_GLOB))
+
+
+def header_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 of everything in a file but the slot tensors (whose checksums it includes)."""
+    header = {k: v for k, v in payload.items() if k not in ("slots", "header_sha256")}
+    text = json.dumps(header, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def write_rank_file(
     directory: Path,
     rank: int,
@@ -70,7 +92,7 @@ def write_rank_file(
         raise PMAStateError(f"shards {missing[:3]} have a layout without fragments")
     payload = {
         "format": FORMAT,
-        "version": 1,
+        "version": FORMAT_VERSION,
         "rank": rank,
         "world_size": world_size,
         **header,
@@ -81,6 +103,7 @@ def write_rank_file(
         "slots": [[t.detach() for t in slot] for slot in slots],
         "checksums": [[bit_checksum(t) for t in slot] for slot in slots],
     }
+    payload["header_sha256"] = header_digest(payload)
     temp = path.with_suffix(".tmp")
     torch.save(payload, temp)
     with open(temp, "rb") as f:
@@ -89,20 +112,31 @@ def write_rank_file(
     return path
 
 
+def read_rank_file(path: Path) -> dict[str, Any]:
+    """One rank's file, memory-mapped, loaded as plain data only and checked."""
+    try:
+        payload = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        raise PMAStateError(
+            f"{path}: refused: the file holds objects other than tensors and plain data, which "
+            f"pma_dist never unpickles (a crafted file could run code); {str(err)[:300]}"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - truncated or corrupted files fail in many ways
+        raise PMAStateError(f"{path}: PMA state file does not load ({err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise PMAStateError(f"{path}: not a pma_dist state file")
+    version = check_version(payload.get("version"), str(path))
+    if version > 1 and payload.get("header_sha256") != header_digest(payload):
+        raise PMAStateError(f"{path}: the header does not match its checksum (corrupted)")
+    return payload
+
+
 def read_rank_files(directory: Path) -> list[dict[str, Any]]:
     """Every rank's file, memory-mapped; checks that the set is complete."""
-    paths = sorted(Path(directory).glob("pma_rank*.pt"))
+    paths = sorted(Path(directory).glob(FILE_GLOB))
     if not paths:
-        raise PMAStateError(f"{directory}: no pma_rank*.pt files (no PMA state saved here)")
-    try:
-        files = [torch.load(p, mmap=True, weights_only=False, map_location="cpu") for p in paths]
-    except Exception as err:  # noqa: BLE001 - truncated or corrupted files fail in many ways
-        raise PMAStateError(f"{directory}: PMA state files do not load ({err})") from err
-    bad = [
-        str(p) for p, f in zip(paths, files) if not isinstance(f, dict) or f.get("format") != FORMAT
-    ]
-    if bad:
-        raise PMAStateError(f"not pma_dist state files: {bad}")
+        raise PMAStateError(f"{directory}: no {FILE_GLOB} files (no PMA state saved here)")
+    files = [read_rank_file(p) for p in paths]
     for path, f in zip(paths, files):
         for k, (slot, sums) in enumerate(zip(f["slots"], f["checksums"])):
             for i, (tensor, expected) in enumerate(zip(slot, sums)):
@@ -116,11 +150,16 @@ def read_rank_files(directory: Path) -> list[dict[str, Any]]:
         raise PMAStateError(
             f"{directory}: state was saved by {world} ranks but files for ranks {ranks} are here"
         )
+    if len({f["version"] for f in files}) > 1:
+        raise PMAStateError(f"{directory}: files of different format versions are mixed")
     return files
 
 
-def plan_copies(files: list[dict[str, Any]], shards: list[Shard]) -> list[Copy]:
-    """The copies that fill every fragment of ``shards`` from the saved files.
+def plan_copies(
+    files: list[dict[str, Any]], shards: list[Shard], *, skip: set[int] | frozenset = frozenset()
+) -> list[Copy]:
+    """The copies that fill every fragment of ``shards`` (but those at indices ``skip``) from
+    the saved files.
 
     Raises ``PMAStateError`` naming the first parameter whose elements are not all saved or
     whose shape differs. Replicas saved by several ranks are read once.
@@ -136,6 +175,8 @@ def plan_copies(files: list[dict[str, Any]], shards: list[Shard]) -> list[Copy]:
         runs.sort()
     copies = []
     for dst_shard, shard in enumerate(shards):
+        if dst_shard in skip:
+            continue
         for frag in shard.fragments:
             if frag.param not in shapes:
                 raise PMAStateError(f"saved PMA state has no parameter {frag.param!r}")

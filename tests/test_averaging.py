@@ -131,3 +131,33 @@ def test_all_finite_sees_nan_and_both_infinities() -> None:
         assert all_finite(tensors).item() == 0.0, bad
     mixed = [torch.ones(3, dtype=torch.bfloat16), torch.tensor([1.0, float("nan")])]
     assert all_finite(mixed).item() == 0.0
+
+
+def test_zero_weight_and_dropped_slots_are_never_read() -> None:
+    state = WindowAverage(_like(), 3)
+    for value in (1.0, float("nan"), 3.0):
+        state.snapshot(_constant(value), step=int(value) if value == value else 2)
+    for t in _merged(state, [0.5, 0.0, 0.5]):
+        assert torch.equal(t, torch.full_like(t, 2.0)), "a NaN slot with weight 0 leaked in"
+    state.drop([1])
+    assert [r.step for r in state.merged_records()] == [1, 3]
+    for t in _merged(state, [0.5, 0.5]):
+        assert torch.equal(t, torch.full_like(t, 2.0))
+    state.snapshot(_constant(5.0), step=5)
+    assert state.records[1].step == 5, "a dropped slot is the first one a new snapshot takes"
+    assert [r.step for r in state.merged_records()] == [1, 3, 5]
+    with pytest.raises(ValueError, match="every weight is zero"):
+        state.merge_into(_like(), [0.0, 0.0, 0.0])
+
+
+def test_padding_is_neither_copied_nor_checked() -> None:
+    runs = [((0, 4), (8, 3)), None]
+    live = [torch.arange(12, dtype=torch.float32), torch.ones(3)]
+    live[0][4:8] = float("nan")
+    live[0][11] = float("nan")
+    state = WindowAverage(live, 2, runs=runs)
+    assert bool(all_finite(state.real(live))), "padding read by the check"
+    state.snapshot(live)
+    slot = state.slots[state.logical_slots()[0]]
+    assert torch.equal(slot[0][4:8], torch.zeros(4)) and slot[0][11] == 0, "padding copied"
+    assert torch.equal(slot[0][:4], live[0][:4]) and torch.equal(slot[0][8:11], live[0][8:11])

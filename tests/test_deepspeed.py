@@ -38,11 +38,22 @@ PMA = {"method": "wma", "window": 3, "interval_steps": 1, "ema_alpha": 0.3}
 STEPS = 5
 
 
+def _with_buffers(params):
+    """The fp32 masters and the averaged buffer of a ``BufferedLM`` engine."""
+
+    def read(engine) -> dict:
+        return {**params(engine), "balance": engine.module.balance.detach().clone()}
+
+    return read
+
+
 def _parity_worker(rank: int, world_size: int, stage: int, zero: dict) -> dict:
-    engine = make_engine(stage, world_size, PMA, **zero)
+    engine = make_engine(stage, world_size, PMA, buffered=True, **zero)
     out: dict = {"snapshots": [], "losses": [], "kind": engine.pma.backend.kind}
-    reference = full_fp32 if not zero.get("round_robin_gradients") else assembled_fp32
+    masters = full_fp32 if not zero.get("round_robin_gradients") else assembled_fp32
+    reference = _with_buffers(masters)
     for step in range(STEPS):
+        engine.module.update_buffers(step)
         out["losses"].append(engine_step(engine, step, rank, world_size))
         snapshot, working = reference(engine), full_working(engine)
         out["snapshots"].append(snapshot)
@@ -50,9 +61,11 @@ def _parity_worker(rank: int, world_size: int, stage: int, zero: dict) -> dict:
         with engine.pma.swapped("ema" if step % 2 else None):
             out.setdefault("merged", []).append(reference(engine))
             out.setdefault("merged_working", []).append(full_working(engine))
+            out.setdefault("live_integer_buffer", []).append(int(engine.module.seen))
         assert all(torch.equal(snapshot[k], v) for k, v in reference(engine).items()), "master"
         assert all(torch.equal(working[k], v) for k, v in full_working(engine).items()), "working"
     assert engine.pma.num_snapshots == STEPS
+    assert engine.pma.buffer_names == ["balance"], "persistent floating buffers only"
     assert engine.pma._step_hooked, "the wrapped torch optimizer orders its step after copies"
     plain = make_engine(stage, world_size, None, **zero)
     out["losses_without_pma"] = [engine_step(plain, s, rank, world_size) for s in range(STEPS)]
@@ -67,15 +80,19 @@ def _parity_worker(rank: int, world_size: int, stage: int, zero: dict) -> dict:
         (2, 2, {"offload_optimizer": {"device": "cpu"}}),
         (3, 2, {}),
         (3, 4, {"stage3_param_persistence_threshold": 0}),
+        (1, 2, {"grad_accum_dtype": "fp32"}),
     ],
 )
 def test_zero_stage_merges_fp32_masters(stage: int, world_size: int, zero: dict) -> None:
     result = run_ranks(_parity_worker, world_size, stage, zero)[0]
-    assert result["kind"] == ("zero3" if stage == 3 else "zero12")
+    kinds = {3: "zero3", 2: "zero12", 1: "bf16" if "grad_accum_dtype" in zero else "zero12"}
+    assert result["kind"] == kinds[stage]
+    assert result["live_integer_buffer"] == list(range(1, STEPS + 1)), "integer buffers stay live"
     for step, (merged, working) in enumerate(zip(result["merged"], result["merged_working"])):
         method = "ema" if step % 2 else "wma"
         expected = window_reference(result["snapshots"][: step + 1], 3, method, 0.3)
         assert_close_rel(merged, expected, 1e-6, f"stage {stage} step {step}")
+        merged = {k: v for k, v in merged.items() if k != "balance"}
         rounded = {k: v.to(torch.bfloat16) for k, v in merged.items()}
         assert_bitwise_equal(working, rounded, "forward sees the merged master in bf16")
     assert result["losses"] == result["losses_without_pma"], "swaps changed training"
@@ -184,6 +201,24 @@ def test_moe_expert_parallel_every_global_expert_once(world_size: int) -> None:
     assert experts == ["0", "1", "2", "3"], experts
     expected = window_reference(result["snapshots"], 3, "wma")
     assert_close_rel(result["merged"], expected, 1e-6, f"MoE at {world_size} ranks")
+
+
+def test_unsupported_deepspeed_versions_fail_at_initialize(monkeypatch) -> None:
+    from pma_dist.backends.deepspeed import check_version
+    from pma_dist.deepspeed import initialize
+
+    check_version(deepspeed.__version__)
+    for version in ("0.16.4", "0.18.9", "0.20.0", "1.0.0", "dev"):
+        with pytest.raises(RuntimeError, match=rf"DeepSpeed {version} is not supported"):
+            check_version(version)
+    monkeypatch.setattr(deepspeed, "__version__", "0.18.2")
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(RuntimeError, match=r"DeepSpeed 0\.18\.2 .*deepspeed>=0\.19,<0\.20"):
+        initialize(
+            model=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            config={"pma": {"interval_steps": 1}},
+        )
 
 
 @pytest.mark.parametrize(

@@ -128,3 +128,37 @@ def test_incompatible_state_is_refused_and_nothing_changes() -> None:
             target.load_state_dict(bad)
         assert target.num_snapshots == 1
         assert_bitwise_equal(target.merged_shards(), before, f"after refusing {fragment}")
+
+
+def _poisoned(model, value: float) -> None:
+    with torch.no_grad():
+        model.mix[1] = value
+
+
+@pytest.mark.parametrize("window", [3, None])
+def test_a_run_of_nonfinite_snapshots_raises_naming_the_tensor(window) -> None:
+    from pma_dist import NonFiniteSnapshotError
+
+    model = make_model()
+    config = PMAConfig(window=window, interval_steps=1, max_consecutive_skips=3)
+    merger = Merger(model, None, config)
+    assert merger.snapshot()
+    _poisoned(model, float("nan"))
+    assert not merger.snapshot() and not merger.snapshot()
+    assert (merger.skip_streak, merger.num_skipped) == (2, 2)
+    resumed = Merger(model, None, config)
+    resumed.load_state_dict(merger.state_dict())
+    assert resumed.skip_streak == 2, "the streak is part of the saved state"
+    with pytest.raises(NonFiniteSnapshotError) as err:
+        resumed.snapshot()
+    message = str(err.value)
+    assert "3 snapshots in a row" in message and "rank 0: mix" in message, message
+    assert "embed.weight" not in message, "only the tensors that held NaN/Inf are named"
+    _poisoned(model, 1.0)
+    assert merger.snapshot() and merger.skip_streak == 0, "a good snapshot resets the streak"
+    _poisoned(model, float("inf"))
+    assert not merger.snapshot() and not merger.snapshot(), "two in a row are skipped again"
+    relaxed = Merger(
+        model, None, PMAConfig(window=window, interval_steps=1, max_consecutive_skips=None)
+    )
+    assert not any(relaxed.snapshot() for _ in range(5)) and relaxed.num_skipped == 5

@@ -18,16 +18,17 @@ def _local_slots(merger: Merger) -> list[torch.Tensor]:
     return [t.to_local().clone() for slot in slots for t in slot.values()]
 
 
-def _poison(model: torch.nn.Module, value: float) -> tuple[torch.Tensor, float]:
-    """Write ``value`` into one element of the first non-empty local shard; return how to undo."""
+def _poison(model: torch.nn.Module, value: float) -> tuple[torch.Tensor, float, str]:
+    """Write ``value`` into one element of the first non-empty local shard; return how to undo
+    and the parameter's name."""
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             local = p.to_local().view(-1)
             if local.numel():
                 index = local.numel() // 2
                 old = local[index].item()
                 local[index] = value
-                return local[index : index + 1], old
+                return local[index : index + 1], old, name
     raise AssertionError("no local shard on this rank")
 
 
@@ -59,15 +60,22 @@ def _worker(rank: int, world_size: int) -> dict:
     fsdp_opt = torch.optim.SGD(fsdp.parameters(), lr=0.1)
     with torch.no_grad():
         fsdp(batch(0, rank, world_size)[:, :-1])  # leaves the root unsharded (FSDP2 default)
-    skip = Merger(fsdp, fsdp_opt, PMAConfig(window=2, interval_steps=1))
+    skip = Merger(fsdp, fsdp_opt, PMAConfig(window=2, interval_steps=1, max_consecutive_skips=None))
     strict = Merger(fsdp, fsdp_opt, PMAConfig(window=None, interval_steps=1, on_nonfinite="raise"))
+    streak = Merger(fsdp, fsdp_opt, PMAConfig(window=2, interval_steps=1, max_consecutive_skips=2))
     for step in range(3):
         train_step(fsdp, fsdp_opt, step, rank, world_size)
-        assert skip.step() and strict.step()
+        assert skip.step() and strict.step() and streak.step()
     before = _local_slots(skip) + _local_slots(strict)
     for value in (float("nan"), float("inf"), float("-inf")):
         undo = _poison(fsdp, value) if rank == BAD_RANK else None
+        if undo is not None:
+            out["poisoned"] = undo[2]
         out["taken"].append(skip.snapshot())
+        try:
+            out.setdefault("streak", []).append(streak.snapshot())
+        except NonFiniteSnapshotError as err:
+            out["streak"].append(str(err))
         try:
             strict.snapshot()
             out["strict"].append("accepted")
@@ -79,7 +87,8 @@ def _worker(rank: int, world_size: int) -> dict:
     out["counts"] = (skip.num_snapshots, skip.num_skipped, strict.num_snapshots)
     after = _local_slots(skip) + _local_slots(strict)
     out["slots_unchanged"] = all(torch.equal(a, b) for a, b in zip(after, before))
-    out["accepted_after"] = (skip.snapshot(), strict.snapshot())
+    out["accepted_after"] = (skip.snapshot(), strict.snapshot(), streak.snapshot())
+    out["streak_after"] = streak.skip_streak
     return out
 
 
@@ -95,5 +104,11 @@ def test_ddp_parity_and_rank_agreed_nonfinite_skip() -> None:
         assert r["taken"] == [False, False, False]
         assert r["counts"] == (3, 3, 3)
         assert r["slots_unchanged"]
-        assert r["accepted_after"] == (True, True)
+        assert r["accepted_after"] == (True, True, True)
         assert len(r["strict"]) == 3 and all("NaN/Inf" in s for s in r["strict"]), r["strict"]
+        assert r["streak"][0] is False, "the first non-finite snapshot is skipped"
+        for message in r["streak"][1:]:
+            assert "2 snapshots in a row" in message and "max_consecutive_skips = 2" in message
+            assert f"rank {BAD_RANK}: {r1['poisoned']}" in message, message
+            assert "rank 0:" not in message, "the clean rank is not named"
+        assert r["streak_after"] == 0, "a good snapshot resets the streak"

@@ -85,3 +85,61 @@ def test_ranks_recover_together_under_fsdp2() -> None:
     r0, r1 = run_ranks(_fsdp2_worker, 2)
     assert r0["recoveries"] == r1["recoveries"] and len(r0["recoveries"]) == 1
     assert r0["losses"][SPIKE.stop + 4] < 2 * r0["losses"][SPIKE.start - 1]
+
+
+def _recorded_run(guard_config: SpikeGuardConfig, pma: PMAConfig, spikes, steps: int = 72):
+    """Train through ``spikes`` with a guard; after every recovery compare the live weights with
+    the float64 merge of the snapshots a person would keep: those of the window taken before
+    the loss went bad, none from the abandoned trajectory (whose places new snapshots take
+    before the oldest is let go)."""
+    from tests.support.models import full_state
+    from tests.support.reference import assert_close_rel, merge_reference
+
+    model = make_model(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    merger = Merger(model, optimizer, pma)
+    guard = SpikeGuard(merger, optimizer, guard_config)
+    alive: list[tuple[int, dict]] = []
+    method, alpha = guard_config.method, pma.ema_alpha
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.3 if any(step in s for s in spikes) else 3e-3
+        loss = loss_of(model, counting_batch(step))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        optimizer.step()
+        optimizer.zero_grad()
+        if merger.step():
+            alive = [*alive[-(pma.window - 1) :], (merger.schedule.steps_seen, full_state(model))]
+        if guard.observe(loss, grad_norm=norm):
+            seen = merger.schedule.steps_seen
+            alive = [(s, state) for s, state in alive if s < seen - 1]
+            keep = alive[-(guard_config.last_k or len(alive)) :]
+            expected = merge_reference([state for _, state in keep], method, alpha)
+            assert_close_rel(full_state(model), expected, 1e-6, f"rollback at step {seen}")
+            assert guard.recoveries[-1]["snapshot_steps"] == [s for s, _ in keep]
+            assert merger.history == [(s, 0) for s, _ in alive]
+    for final in ("sma", "wma", "ema"):
+        with merger.swapped(final):
+            expected = merge_reference([st for _, st in alive], final, alpha)
+            assert_close_rel(full_state(model), expected, 1e-6, f"{final} merge after recovery")
+    return guard, optimizer
+
+
+def test_two_spikes_in_one_window_roll_back_to_healthy_snapshots_only() -> None:
+    guard, _ = _recorded_run(
+        SpikeGuardConfig(last_k=4),
+        PMAConfig(window=6, interval_steps=2),
+        [range(50, 52), range(58, 60)],
+    )
+    assert [r["step"] for r in guard.recoveries] == [52, 60], guard.recoveries
+    assert all(r["snapshots_dropped"] for r in guard.recoveries), "spiked snapshots were dropped"
+
+
+def test_grad_norm_spike_with_kept_moments_and_configured_ema_alpha() -> None:
+    config = SpikeGuardConfig(factor=1e6, grad_norm_factor=3.0, method="ema", reset_optimizer=False)
+    guard, optimizer = _recorded_run(
+        config, PMAConfig(window=5, interval_steps=2, ema_alpha=0.6), [range(50, 52)]
+    )
+    assert len(guard.recoveries) >= 1
+    assert any(optimizer.state.values()), "reset_optimizer=False keeps the moments"

@@ -13,17 +13,50 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-"""Name parts added by DDP, ``torch.compile`` and activation checkpointing; they are dropped so
-that state keys match between wrapped and unwrapped runs of the same model."""
+WRAPPER_COMPONENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+"""Path components that ``torch.compile``, activation checkpointing and FSDP1 insert anywhere in
+a module tree; they name no module of the model, so they are dropped wherever they stand."""
+
+ROOT_WRAPPER_COMPONENTS = WRAPPER_COMPONENTS | {"module"}
+"""Also dropped at the start of a name: ``module`` is what DDP (and DeepSpeed, Accelerate)
+call the model they wrap. Inside a name it can be a user's own submodule, so it stays there."""
 
 
 def canonical_name(name: str) -> str:
-    """A parameter name with wrapper prefixes (``module.``, ``_orig_mod.``, ...) removed."""
-    for prefix in WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
+    """``name`` as the unwrapped model's ``state_dict`` calls it.
+
+    Wrapper components are removed as whole dotted components, in any nesting (compile over
+    DDP over activation checkpointing), so that the same model has the same names wrapped or
+    not, and a module called ``conv_module`` keeps its name.
+    """
+    parts = name.split(".")
+    start = 0
+    while start < len(parts) - 1 and parts[start] in ROOT_WRAPPER_COMPONENTS:
+        start += 1
+    return ".".join(p for p in parts[start:] if p not in WRAPPER_COMPONENTS)
+
+
+def floating_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(canonical name, buffer)`` for every persistent floating-point buffer of ``model``.
+
+    Those are what a checkpoint holds beside the parameters and what training may move outside
+    the optimizer (the expert bias of auxiliary-loss-free MoE balancing, running statistics),
+    so the average of checkpoints averages them. Integer buffers (counters) and non-persistent
+    ones (caches, rotary tables) are not in a checkpoint's average and are left alone.
+    """
+    out, seen = [], set()
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is None or not buffer.is_floating_point() or id(buffer) in seen:
+                continue
+            if name in module._non_persistent_buffers_set:
+                continue
+            seen.add(id(buffer))
+            full = f"{module_name}.{name}" if module_name else name
+            out.append((canonical_name(full), buffer))
+    return out
 
 
 @dataclass(frozen=True)
@@ -65,6 +98,28 @@ class Shard:
     ``None`` when the layout has no DCP form (DeepSpeed flat partitions)."""
     fragments: tuple[Fragment, ...] = ()
     """Which parameter elements the shard holds; see :class:`Fragment`."""
+    buffer: bool = False
+    """True for a module buffer (a whole replica on every rank, written in place)."""
+
+    @property
+    def runs(self) -> tuple[tuple[int, int], ...] | None:
+        """``(local_start, numel)`` runs of ``local`` that hold real elements, merged where they
+        touch, or None when the fragments cover ``local`` whole.
+
+        Anything else in ``local`` is padding that the engine may never initialize (DeepSpeed
+        ZeRO-3 pads every parameter's partition): snapshots copy and checks read these runs
+        only, so padding never reaches an average or a decision.
+        """
+        spans = sorted((f.local_start, f.numel) for f in self.fragments if f.numel)
+        runs: list[list[int]] = []
+        for start, numel in spans:
+            if runs and runs[-1][0] + runs[-1][1] == start:
+                runs[-1][1] += numel
+            else:
+                runs.append([start, numel])
+        if len(runs) == 1 and runs[0] == [0, self.local.numel()] or self.local.numel() == 0:
+            return None
+        return tuple((start, numel) for start, numel in runs)
 
 
 @runtime_checkable

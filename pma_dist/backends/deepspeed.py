@@ -10,6 +10,10 @@ parameter plus a copy into the partitioned working copies for ZeRO-3.
 
 Names are the module's parameter names with DeepSpeed MoE experts renumbered globally
 (``ep_rank * num_local_experts + local_id``), so that every expert has one name across ranks.
+
+The layout is read from private optimizer attributes (``round_robin_bit16_offsets``,
+``grad_position``, ``fp32_partitioned_groups_flat``, ``_hp_mapping``), which DeepSpeed changes
+between minor versions, so only the tested range is accepted (:data:`SUPPORTED_VERSIONS`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,27 @@ import torch.distributed as dist
 from torch import nn
 
 from .base import Fragment, Shard, canonical_name
+from .plain import buffer_shards
+
+SUPPORTED_VERSIONS = ((0, 19), (0, 20))
+"""DeepSpeed releases whose private layout this backend is tested against: [0.19, 0.20)."""
+
+
+def check_version(version: str | None = None) -> None:
+    """Raise ``RuntimeError`` unless DeepSpeed's version is in :data:`SUPPORTED_VERSIONS`."""
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    low, high = SUPPORTED_VERSIONS
+    match = re.match(r"(\d+)\.(\d+)", str(version))
+    if match is None or not low <= (int(match[1]), int(match[2])) < high:
+        raise RuntimeError(
+            f"DeepSpeed {version} is not supported by pma_dist: it reads DeepSpeed's private "
+            f"optimizer layout, tested for deepspeed>={low[0]}.{low[1]},<{high[0]}.{high[1]}; "
+            f"install a version in that range (pip install 'deepspeed>={low[0]}.{low[1]},"
+            f"<{high[0]}.{high[1]}')"
+        )
 
 
 def expert_renaming(module: nn.Module) -> dict[str, str]:
@@ -57,8 +82,11 @@ def parameter_names(module: nn.Module) -> dict[int, str]:
 class DeepSpeedBackend:
     """Shards of a ``DeepSpeedEngine``: the fp32 partitions of its ZeRO optimizer."""
 
-    def __init__(self, module: nn.Module, zero_optimizer) -> None:
+    def __init__(self, module: nn.Module, zero_optimizer, *, buffers: bool = True) -> None:
+        check_version()
         self.optimizer = zero_optimizer
+        self._module = module
+        self._buffers = buffers
         self._names = parameter_names(module)
         if hasattr(self.optimizer, "fp32_partitioned_groups_flat"):
             self.kind = "zero3"
@@ -88,10 +116,12 @@ class DeepSpeedBackend:
 
     def shards(self) -> list[Shard]:
         if self.kind == "zero3":
-            return list(self._zero3_shards())
-        if self.kind == "zero12":
-            return list(self._zero12_shards())
-        return list(self._bf16_shards())
+            masters = list(self._zero3_shards())
+        elif self.kind == "zero12":
+            masters = list(self._zero12_shards())
+        else:
+            masters = list(self._bf16_shards())
+        return masters + buffer_shards(self._module, self._buffers)
 
     def _zero12_shards(self) -> Iterator[Shard]:
         zo = self.optimizer

@@ -16,7 +16,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .base import Fragment, Shard
-from .plain import trainable_parameters
+from .plain import buffer_shards, trainable_parameters
 
 
 def _like_param(param: DTensor, buffer: torch.Tensor) -> DTensor:
@@ -32,14 +32,17 @@ def _like_param(param: DTensor, buffer: torch.Tensor) -> DTensor:
     return DTensor(buffer, spec, requires_grad=False)
 
 
-def _fragments(name: str, param: DTensor) -> tuple[Fragment, ...]:
-    """The local shard as a run of the flattened parameter; only row (dim-0) sharding and
-    replication give one contiguous run, other layouts have none (DCP still handles them)."""
+def _column_sharded(param: DTensor) -> list:
+    """Placements that shard ``param`` on a dimension other than 0 (tensor parallelism)."""
     from torch.distributed.tensor import Shard as ShardPlacement
+
+    return [p for p in param.placements if isinstance(p, ShardPlacement) and p.dim != 0]
+
+
+def _fragments(name: str, param: DTensor) -> tuple[Fragment, ...]:
+    """The local shard as one run of the flattened parameter (row sharding or replication)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if any(isinstance(p, ShardPlacement) and p.dim != 0 for p in param.placements):
-        return ()
     shape, offset = compute_local_shape_and_global_offset(
         param.shape, param.device_mesh, param.placements
     )
@@ -51,15 +54,33 @@ def _fragments(name: str, param: DTensor) -> tuple[Fragment, ...]:
 class FSDP2Backend:
     """Averages the local shards of DTensor parameters, in place."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        buffers: bool = True,
+    ) -> None:
         self._model = model
         self._optimizer = optimizer
-        plain = [n for n, p in self._parameters() if not isinstance(p, DTensor)]
+        self._buffers = buffers
+        params = self._parameters()
+        plain = [n for n, p in params if not isinstance(p, DTensor)]
         if plain:
             raise TypeError(
                 f"FSDP2Backend: parameters {plain[:3]} are not DTensors; apply fully_shard to "
                 "the whole model (the root module too) before building the Merger"
             )
+        for name, param in params:
+            if _column_sharded(param):
+                raise TypeError(
+                    f"FSDP2Backend: parameter {name!r} is sharded on dimension "
+                    f"{_column_sharded(param)[0].dim} (placements {tuple(param.placements)}, "
+                    f"mesh {param.device_mesh.mesh_dim_names or param.device_mesh.shape}); "
+                    "pma_dist averages layouts whose local shard is one run of rows "
+                    "(Shard(0) or Replicate on every mesh dimension), so tensor parallelism "
+                    "that splits columns (RowwiseParallel weights, say) is not supported"
+                )
 
     def _parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The sharded parameters, looked up afresh: a forward with ``reshard_after_forward=False``
@@ -85,7 +106,7 @@ class FSDP2Backend:
                     _fragments(n, p),
                 )
                 for n, p in self._parameters()
-            ]
+            ] + buffer_shards(self._model, self._buffers)
 
     def begin_write(self) -> None:
         """Free unsharded parameters so that the next forward all-gathers the written shards."""

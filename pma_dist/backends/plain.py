@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Fragment, Shard, canonical_name
+from .base import Fragment, Shard, canonical_name, floating_buffers
 
 
 def trainable_parameters(
@@ -27,23 +27,35 @@ def _identity(buffer: torch.Tensor) -> torch.Tensor:
     return buffer
 
 
+def whole(name: str, tensor: torch.Tensor, *, buffer: bool = False) -> Shard:
+    """A shard holding all of ``tensor``, saved in DCP as a plain (replicated) tensor."""
+    shape = tuple(tensor.shape)
+    fragments = (Fragment(name, shape, 0, tensor.numel()),)
+    return Shard(name, tensor.detach(), shape, _identity, fragments, buffer)
+
+
+def buffer_shards(model: nn.Module, enabled: bool) -> list[Shard]:
+    """Shards for the model's persistent floating buffers (every rank holds each whole)."""
+    return [whole(n, b, buffer=True) for n, b in floating_buffers(model)] if enabled else []
+
+
 class PlainBackend:
     """Every rank holds every parameter; replicas (DDP) average identically without talking."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        buffers: bool = True,
+    ) -> None:
+        self._model = model
         self._params = trainable_parameters(model, optimizer)
+        self._buffers = buffers
 
     def shards(self) -> list[Shard]:
-        return [
-            Shard(
-                n,
-                p.detach(),
-                tuple(p.shape),
-                _identity,
-                (Fragment(n, tuple(p.shape), 0, p.numel()),),
-            )
-            for n, p in self._params
-        ]
+        params = [whole(n, p) for n, p in self._params]
+        return params + buffer_shards(self._model, self._buffers)
 
     def begin_write(self) -> None:
         pass

@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
-from ..averaging import ring_order, window_weights
+from ..averaging import window_weights
+from ..errors import PMAStateError
 from ..inspect_state import read_entries
+from ..state_format import check_version, counters_v2, merge_order
 from .atomic import ExportError
 from .sources import module_state, read_dcp_tensor
 
@@ -26,6 +28,18 @@ def _load_config(config: Any):
         return config
     path = Path(config)
     return AutoConfig.from_pretrained(path.parent if path.is_file() else path)
+
+
+def _nested(values: dict[str, Any]) -> dict[str, Any]:
+    """Flat DCP keys (``schedule.steps_seen``) with their dotted groups as dicts again."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            out.setdefault(head, {})[rest] = value
+        else:
+            out[key] = value
+    return out
 
 
 class OfflineSource:
@@ -55,9 +69,16 @@ class OfflineSource:
         saved = {
             k[len("meta.config.") :]: v for k, v in values.items() if k.startswith("meta.config.")
         }
-        mode, count = values["meta.mode"], int(values["count"])
-        if count == 0:
-            raise ExportError(f"{self.source}: the PMA state holds no snapshot yet")
+        mode = values["meta.mode"]
+        try:
+            version = check_version(values.get("meta.format"), str(self.source))
+            window = values["meta.window"]
+            counters = counters_v2(_nested(values), version, window or 1)
+        except PMAStateError as err:
+            raise ExportError(str(err)) from None
+        order = merge_order(counters["records"])
+        if not order:
+            raise ExportError(f"{self.source}: the PMA state holds no valid snapshot")
         self.averaged = set(values["meta.names"])
         if mode == "running":
             if method not in (None, saved["method"]):
@@ -68,7 +89,7 @@ class OfflineSource:
             self.order, self.weights, self.method = [0], [1.0], saved["method"]
             return
         self.method = method or saved["method"]
-        self.order = ring_order(count, int(values["head"]), int(values["meta.window"]))
+        self.order = order
         self.weights = window_weights(self.method, len(self.order), saved["ema_alpha"])
 
     def describe(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..config import PMAConfig
 from ..merger import Merger
+from ..state_files import has_state as has_state_files
 
 log = logging.getLogger("pma_dist")
 
@@ -50,11 +51,15 @@ def initialize(*args: Any, config: Any = None, config_params: Any = None, **kwar
     """
     import deepspeed
 
+    from ..backends.deepspeed import check_version
+
     raw = config if config is not None else config_params
     if raw is None and args and getattr(args[0], "deepspeed_config", None):
         raw = args[0].deepspeed_config
     ds_config = read_config(raw)
     pma = PMAConfig.from_deepspeed(ds_config) if ds_config is not None else None
+    if pma is not None:
+        check_version(deepspeed.__version__)
     if ds_config is not None:
         kwargs["config"] = ds_config
     elif config_params is not None:
@@ -104,7 +109,7 @@ def _hook_checkpoints(engine, merger: Merger) -> None:
         if resolved is None and latest.is_file():
             resolved = latest.read_text().strip()
         state_dir = Path(load_dir) / str(resolved) if resolved is not None else None
-        has_state = state_dir is not None and any(state_dir.glob("pma_rank*.pt"))
+        has_state = state_dir is not None and has_state_files(state_dir)
         if has_state:
             merger.check_saved(state_dir)
         result = load(load_dir, tag, *args, **kwargs)

@@ -8,13 +8,22 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-from tests.support.models import batch, loss_of, make_model  # noqa: E402
+from tests.support.models import batch, loss_of, make_buffered_model, make_model  # noqa: E402
 
 MICRO_BATCH = 4
 
 
-def ds_config(stage: int, world_size: int, pma: dict | None = None, **zero) -> dict:
-    """bf16 ZeRO config for ``world_size`` ranks with micro-batches of the shared test data."""
+def ds_config(
+    stage: int,
+    world_size: int,
+    pma: dict | None = None,
+    *,
+    grad_accum_dtype: str | None = None,
+    **zero,
+) -> dict:
+    """bf16 ZeRO config for ``world_size`` ranks with micro-batches of the shared test data.
+
+    ``grad_accum_dtype="fp32"`` at stage 1 selects DeepSpeed's ``BF16_Optimizer``."""
     config = {
         "train_micro_batch_size_per_gpu": 8 // world_size,
         "gradient_accumulation_steps": 1,
@@ -24,16 +33,21 @@ def ds_config(stage: int, world_size: int, pma: dict | None = None, **zero) -> d
     }
     if "offload_optimizer" in zero:
         config["zero_force_ds_cpu_optimizer"] = False
+    if grad_accum_dtype is not None:
+        config["data_types"] = {"grad_accum_dtype": grad_accum_dtype}
     if pma is not None:
         config["pma"] = pma
     return config
 
 
-def make_engine(stage: int, world_size: int, pma: dict | None, seed: int = 0, **zero):
-    """A bf16 DeepSpeed engine on the shared tiny LM, through ``pma_dist.deepspeed``."""
+def make_engine(
+    stage: int, world_size: int, pma: dict | None, seed: int = 0, buffered: bool = False, **zero
+):
+    """A bf16 DeepSpeed engine on the shared tiny LM (with buffers: ``BufferedLM``), through
+    ``pma_dist.deepspeed``."""
     from pma_dist.deepspeed import initialize
 
-    model = make_model(seed)
+    model = make_buffered_model(seed) if buffered else make_model(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
     engine, *_ = initialize(
         model=model, optimizer=optimizer, config=ds_config(stage, world_size, pma, **zero)
@@ -150,6 +164,8 @@ def assembled_fp32(engine) -> dict[str, torch.Tensor]:
 
     local = []
     for shard in engine.pma.backend.shards():
+        if shard.buffer:
+            continue
         flat = shard.local.detach().view(-1)
         for f in shard.fragments:
             local.append(

@@ -22,6 +22,19 @@ from typing import Any
 COLLECTIVE_TIMEOUT_S = 60
 """Every collective of a test rank fails after this long instead of waiting forever."""
 
+FILL_UNINITIALIZED_ENV = "PMA_TEST_FILL_UNINITIALIZED"
+"""Set to 1 (``make test`` does) to run every test rank with uninitialized memory filled with
+NaN, so that a result that reads padding or an unwritten buffer fails every time, not one run
+in six."""
+
+
+def fill_uninitialized_memory() -> None:
+    """Make ``torch.empty`` and friends return NaN-filled floating memory in this process."""
+    import torch
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+
 
 @dataclass
 class RankOutcome:
@@ -60,6 +73,8 @@ def _rank_main(
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    if os.environ.get(FILL_UNINITIALIZED_ENV) == "1":
+        fill_uninitialized_memory()
     result_path = Path(out) / f"rank{rank}.pt"
     try:
         if torch.cuda.is_available() and "nccl" in backend:

@@ -1,4 +1,5 @@
-"""Tiny transformers models (Llama dense, Mixtral MoE with grouped experts) built offline."""
+"""Tiny transformers models (Llama dense, Mixtral MoE with grouped experts, DeepSeek-V3 MoE with
+an expert-bias buffer) built offline."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ VOCAB, SEQ, BATCH = 96, 16, 4
 
 def hf_config(kind: str):
     """A config whose sizes do not divide by 2 or 4, so FSDP2 shards are uneven."""
-    from transformers import LlamaConfig, MixtralConfig
+    from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig
 
     common = dict(
         vocab_size=VOCAB,
@@ -28,6 +29,24 @@ def hf_config(kind: str):
             num_local_experts=4,
             num_experts_per_tok=2,
             tie_word_embeddings=False,
+            **common,
+        )
+    if kind == "deepseek_v3":
+        common.update(num_key_value_heads=4)
+        return DeepseekV3Config(
+            intermediate_size=88,
+            moe_intermediate_size=20,
+            n_shared_experts=1,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=12,
+            v_head_dim=12,
             **common,
         )
     raise ValueError(kind)

@@ -116,11 +116,13 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter gathered to a full tensor (collective under FSDP2), detached, cloned."""
     from torch.distributed.tensor import DTensor
 
+    from pma_dist.backends import canonical_name
+
     out = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             full = p.full_tensor() if isinstance(p, DTensor) else p
-            out[name.replace("module.", "")] = full.detach().clone()
+            out[canonical_name(name)] = full.detach().clone()
     return out
 
 
