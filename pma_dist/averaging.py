@@ -21,136 +21,25 @@ checks read only the real elements, and padding in the slots stays zero.
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .offload import SideStreamCopy, chunks, empty_slot, slot_device
-
-Tensors = Sequence[torch.Tensor]
-Runs = tuple[tuple[int, int], ...] | None
-CPU_BLOCK_NUMEL = 1 << 20
-"""Elements per block of a CPU merge (4 MiB of fp32: the accumulator stays in cache)."""
-
-
-def window_weights(method: str, n: int, alpha: float = 0.2) -> list[float]:
-    """Weights of ``n`` snapshots, oldest first, summing to one.
-
-    SMA: 1/n each. WMA: proportional to the position i = 1..n. EMA: the paper's recursion
-    M_1 = theta_1, M_i = alpha * theta_i + (1 - alpha) * M_(i-1), unrolled.
-    """
-    if n < 1:
-        raise ValueError(f"window_weights(n={n}): at least one snapshot is needed")
-    if method == "sma":
-        return [1.0 / n] * n
-    if method == "wma":
-        total = n * (n + 1) / 2
-        return [i / total for i in range(1, n + 1)]
-    if method == "ema":
-        return [(1 - alpha) ** (n - 1)] + [alpha * (1 - alpha) ** (n - i) for i in range(2, n + 1)]
-    raise ValueError(f"method={method!r}: must be one of sma, wma, ema")
-
-
-def running_weight(method: str, k: int, alpha: float = 0.2) -> float:
-    """The lerp weight that folds snapshot ``k`` (1-based) into a running average."""
-    if k == 1:
-        return 1.0
-    if method == "sma":
-        return 1.0 / k
-    if method == "wma":
-        return 2.0 / (k + 1)
-    if method == "ema":
-        return float(alpha)
-    raise ValueError(f"method={method!r}: must be one of sma, wma, ema")
-
-
-@dataclass(frozen=True)
-class SlotRecord:
-    """What a slot holds: which snapshot, taken when, and whether merges may use it."""
-
-    seq: int
-    """0-based number of the snapshot among all taken (orders the slots, oldest first)."""
-    step: int
-    """Optimizer steps seen when it was taken."""
-    tokens: int
-    """Tokens seen when it was taken."""
-    valid: bool = True
-    """False once dropped (e.g. taken after a loss spike that was rolled back)."""
-
-    def to_list(self) -> list:
-        return [self.seq, self.step, self.tokens, self.valid]
-
-    @classmethod
-    def from_list(cls, values: Sequence[Any]) -> SlotRecord:
-        seq, step, tokens, valid = values
-        return cls(int(seq), int(step), int(tokens), bool(valid))
-
-
-def ring_order(count: int, head: int, window: int) -> list[int]:
-    """Physical slots of a ring of ``window`` holding ``count`` snapshots, oldest first;
-    ``head`` is the slot the next snapshot will overwrite."""
-    if count < window:
-        return list(range(count))
-    return [(head + i) % window for i in range(window)]
-
-
-def normalized_weights(weights: Sequence[float], n: int) -> list[float]:
-    """User weights for ``n`` snapshots (oldest first), scaled to sum to one."""
-    values = [float(w) for w in weights]
-    if len(values) != n:
-        raise ValueError(
-            f"weights={list(weights)!r}: expected {n} weights (one per snapshot in the window, "
-            "oldest first)"
-        )
-    total = math.fsum(values)
-    if not all(math.isfinite(w) for w in values) or abs(total) < 1e-12:
-        raise ValueError(f"weights={list(weights)!r}: must be finite with a non-zero sum")
-    return [w / total for w in values]
-
-
-def all_finite(tensors: Tensors) -> torch.Tensor:
-    """A 0-dim float tensor: 1.0 when every element of every tensor is finite, else 0.0.
-
-    One read of the data: a sum is finite exactly when its terms are (short of a total above
-    3e38, which no trained weight reaches). Accelerators take one fused ``_foreach_norm(1)``
-    per group; on CPU a plain ``sum`` per tensor is the fastest reduction torch has.
-    """
-    if not tensors:
-        return torch.ones(())
-    sums = []
-    for group in _groups(tensors):
-        members = [tensors[i] for i in group]
-        if members[0].device.type == "cpu":
-            parts = [t.sum(dtype=torch.float32) for t in members]
-        else:
-            parts = torch._foreach_norm(members, 1, dtype=torch.float32)
-        sums.append(torch.stack(parts).float().sum())
-    device = tensors[0].device
-    total = torch.stack([s.to(device) for s in sums]).sum()
-    return torch.isfinite(total).float()
-
-
-def _groups(tensors: Tensors) -> list[list[int]]:
-    """Indices of ``tensors`` grouped by (device, dtype), for fused foreach calls."""
-    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_key.setdefault((t.device, t.dtype), []).append(i)
-    return list(by_key.values())
-
-
-def real_views(tensors: Tensors, runs: Sequence[Runs]) -> list[torch.Tensor]:
-    """``tensors`` with each padded one replaced by flat views of its real runs."""
-    out: list[torch.Tensor] = []
-    for tensor, spans in zip(tensors, runs):
-        if spans is None:
-            out.append(tensor)
-        else:
-            flat = tensor.view(-1)
-            out.extend(flat[start : start + numel] for start, numel in spans)
-    return out
+from .config import PMAConfig
+from .kernels import (
+    Runs,
+    Tensors,
+    device_groups,
+    lerp_staged,
+    real_views,
+    weighted_sum_blocked,
+    weighted_sum_staged,
+)
+from .offload import SideStreamCopy, empty_slot, slot_device
+from .records import SlotRecord, next_slot
+from .weights import resolve_weights, running_weight
 
 
 class AveragingState:
@@ -179,8 +68,8 @@ class AveragingState:
         """Per physical slot, the snapshot it holds (None while empty)."""
         self.count = 0
         """Snapshots folded in so far."""
-        self._groups = _groups(like)
-        self._real_groups = _groups(self.real(like))
+        self._groups = device_groups(like)
+        self._real_groups = device_groups(self.real(like))
         self._side_copies = {
             t.device: SideStreamCopy(t.device)
             for t in like
@@ -205,6 +94,20 @@ class AveragingState:
     def merged_records(self) -> list[SlotRecord]:
         """The records of :meth:`logical_slots`, oldest first."""
         return [self.records[k] for k in self.logical_slots()]
+
+    def weights(
+        self,
+        method: str,
+        alpha: float,
+        weights: Sequence[float] | None = None,
+        last: int | None = None,
+    ) -> list[float]:
+        """One weight per merged snapshot, oldest first (see :func:`resolve_weights`)."""
+        return resolve_weights(len(self.logical_slots()), method, alpha, weights, last)
+
+    def next_slot(self) -> int:
+        """The physical slot the next snapshot is written to."""
+        return next_slot(self.records)
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and slot records (the slot tensors are saved by the caller's format)."""
@@ -244,10 +147,10 @@ class AveragingState:
             outs = [out[i] for i in group]
             slots = [[self.slots[s][i] for i in group] for s, _ in pairs]
             if slots[0][0].device != outs[0].device:
-                _weighted_sum_staged(outs, slots, [w for _, w in pairs], self.dtype)
+                weighted_sum_staged(outs, slots, [w for _, w in pairs], self.dtype)
                 continue
             if outs[0].device.type == "cpu" and outs[0].dtype == self.dtype:
-                _weighted_sum_blocked(outs, slots, [w for _, w in pairs])
+                weighted_sum_blocked(outs, slots, [w for _, w in pairs])
                 continue
             acc = outs if outs[0].dtype == self.dtype else [torch.empty_like(s) for s in slots[0]]
             torch._foreach_copy_(acc, slots[0])
@@ -297,13 +200,6 @@ class WindowAverage(AveragingState):
         super().__init__(like, window, **kwargs)
         self.window = window
 
-    def next_slot(self) -> int:
-        """Where the next snapshot goes: an empty or dropped slot, else the oldest one."""
-        for k, record in enumerate(self.records):
-            if record is None or not record.valid:
-                return k
-        return min(range(self.window), key=lambda k: self.records[k].seq)
-
     def snapshot(self, tensors: Tensors, step: int = 0, tokens: int = 0) -> None:
         self._check(tensors)
         self.wait_host()
@@ -319,6 +215,13 @@ class WindowAverage(AveragingState):
             if record is not None:
                 self.records[k] = SlotRecord(record.seq, record.step, record.tokens, False)
 
+    def drop_since(self, step: int) -> list[SlotRecord]:
+        """Drop every merged snapshot taken at ``step`` or later; their records, oldest first."""
+        dropped = [k for k in self.logical_slots() if self.records[k].step >= step]
+        records = [self.records[k] for k in dropped]
+        self.drop(dropped)
+        return records
+
 
 class RunningAverage(AveragingState):
     """One slot folded with a lerp per snapshot: cumulative SMA/WMA or EMA."""
@@ -329,6 +232,23 @@ class RunningAverage(AveragingState):
         super().__init__(like, 1, **kwargs)
         self.method = method
         self.alpha = alpha
+
+    def weights(
+        self,
+        method: str,
+        alpha: float,
+        weights: Sequence[float] | None = None,
+        last: int | None = None,
+    ) -> list[float]:
+        if weights is not None or last is not None or method != self.method:
+            raise ValueError(
+                f"running mode (pma.window = null) keeps a single {self.method!r} average; "
+                f"method={method!r}/weights/last need window mode (pma.window = N)"
+            )
+        return [1.0]
+
+    def next_slot(self) -> int:
+        return 0
 
     def snapshot(self, tensors: Tensors, step: int = 0, tokens: int = 0) -> None:
         self._check(tensors)
@@ -342,7 +262,7 @@ class RunningAverage(AveragingState):
                 dst = [slot[i] for i in group]
                 src = [live[i] for i in group]
                 if dst[0].device != src[0].device:
-                    _lerp_staged(dst, src, weight)
+                    lerp_staged(dst, src, weight)
                     continue
                 if src[0].dtype != self.dtype:
                     src = [t.to(self.dtype) for t in src]
@@ -351,48 +271,17 @@ class RunningAverage(AveragingState):
         self.count += 1
 
 
-def _weighted_sum_blocked(
-    outs: list[torch.Tensor], slots: list[list[torch.Tensor]], weights: list[float]
-) -> None:
-    """``outs[i] = sum_s weights[s] * slots[s][i]`` on the CPU, a cache-sized block at a time,
-    so the accumulator stays in cache and each slot is read once (1.6x faster than whole-tensor
-    passes for a 10-slot window)."""
-    for i, out in enumerate(outs):
-        flat_out = out.view(-1)
-        flats = [slot[i].view(-1) for slot in slots]
-        for part in chunks(out.numel(), CPU_BLOCK_NUMEL):
-            acc = flat_out[part]
-            acc.copy_(flats[0][part]).mul_(weights[0])
-            for flat, weight in zip(flats[1:], weights[1:]):
-                acc.add_(flat[part], alpha=weight)
-
-
-def _weighted_sum_staged(
-    outs: list[torch.Tensor],
-    slots: list[list[torch.Tensor]],
-    weights: list[float],
-    dtype: torch.dtype,
-) -> None:
-    """``outs[i] = sum_s weights[s] * slots[s][i]`` with slots on another device, chunk by chunk.
-
-    Returns once the device has read the slots, so that the host may overwrite them (``load``)."""
-    for i, out in enumerate(outs):
-        flat_out = out.view(-1)
-        flats = [slot[i].view(-1) for slot in slots]
-        for part in chunks(out.numel()):
-            acc = flats[0][part].to(out.device, dtype, non_blocking=True).mul_(weights[0])
-            for flat, weight in zip(flats[1:], weights[1:]):
-                acc.add_(flat[part].to(out.device, non_blocking=True), alpha=weight)
-            flat_out[part].copy_(acc)
-    if outs:
-        torch.get_device_module(outs[0].device).synchronize(outs[0].device)
-
-
-def _lerp_staged(dst: list[torch.Tensor], src: list[torch.Tensor], weight: float) -> None:
-    """``dst[i].lerp_(src[i], weight)`` with ``dst`` in host memory, through device chunks."""
-    for slot, live in zip(dst, src):
-        flat_slot, flat_live = slot.view(-1), live.view(-1)
-        for part in chunks(slot.numel()):
-            acc = flat_slot[part].to(live.device, non_blocking=True)
-            acc.lerp_(flat_live[part].to(acc.dtype), weight)
-            flat_slot[part].copy_(acc)
+def state_for(config: PMAConfig, like: Tensors, runs: Sequence[Runs]) -> AveragingState:
+    """The averaging state ``config`` describes, for tensors shaped like ``like``."""
+    dtype = getattr(torch, config.dtype)
+    wider = sorted({str(t.dtype) for t in like if t.element_size() > dtype.itemsize})
+    if wider:
+        warnings.warn(
+            f"pma.dtype = {config.dtype!r} is lower precision than parameters of dtype "
+            f"{', '.join(wider)}; averages lose precision",
+            stacklevel=4,
+        )
+    options = {"dtype": dtype, "offload": config.offload, "runs": runs}
+    if config.running:
+        return RunningAverage(like, config.method, config.ema_alpha, **options)
+    return WindowAverage(like, config.window, **options)

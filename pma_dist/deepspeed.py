@@ -3,6 +3,6 @@
 See :mod:`pma_dist.integrations.deepspeed`.
 """
 
-from .integrations.deepspeed import attach, initialize
+from .integrations.deepspeed import attach, detach, initialize
 
-__all__ = ["attach", "initialize"]
+__all__ = ["attach", "detach", "initialize"]

@@ -9,6 +9,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+from .state_format import StateHeader, unflatten
+
 
 def read_entries(
     checkpoint: str | Path, prefix: str
@@ -40,20 +42,21 @@ def read_pma_summary(checkpoint: str | Path, key: str = "pma") -> dict[str, Any]
     if not values and not tensors:
         roots = sorted({fqn.split(".", 1)[0] for fqn in read_entries(checkpoint, "")[1]})
         raise KeyError(f"{checkpoint}: no PMA state under {key!r}; tensor roots: {roots}")
-    meta = {k[len("meta.") :]: v for k, v in values.items() if k.startswith("meta.")}
+    header = StateHeader.from_flat(unflatten(values), f"{checkpoint} ({key})")
+    merged = [header.records[k] for k in header.merge_order()]
     return {
-        "format": meta.get("format"),
-        "mode": meta.get("mode"),
-        "window": meta.get("window"),
-        "running_method": meta.get("running_method"),
-        "num_snapshots": values.get("count"),
-        "num_skipped": values.get("num_skipped"),
-        "skip_streak": values.get("skip_streak"),
-        "buffers": len(meta.get("buffers") or []),
-        "tensors": len(meta.get("names", [])),
+        "format": header.format,
+        "mode": header.mode,
+        "window": header.window,
+        "running_method": header.running_method,
+        "num_snapshots": header.count,
+        "num_skipped": header.num_skipped,
+        "skip_streak": header.skip_streak,
+        "buffers": len(header.buffers),
+        "tensors": len(header.names or ()),
         "slots": len({name.split(".")[1] for name in tensors}),
         "slot_bytes": sum(torch.Size(s).numel() * d.itemsize for s, d in tensors.values()),
-        "steps_seen": values.get("schedule.steps_seen"),
-        "tokens_seen": values.get("schedule.tokens_seen"),
-        "history": values.get("history"),
+        "steps_seen": header.schedule.get("steps_seen"),
+        "tokens_seen": header.schedule.get("tokens_seen"),
+        "history": [[r.step, r.tokens] for r in merged],
     }

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from . import comm
 from .merger import Merger
+from .optimizers import unwrap_optimizer
 
 log = logging.getLogger("pma_dist")
 
@@ -111,7 +112,7 @@ class SpikeGuard:
     def _global(self, loss, grad_norm) -> tuple[float, float | None]:
         """Loss and grad norm averaged over the ranks: one all-reduce where the loss lives and
         one host sync, so a device loss is read once per step."""
-        group = comm.default_group()
+        group = self.merger.process_group or comm.default_group()
         where = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
         if group is not None:
             where = comm.collective_device(group, where)
@@ -161,10 +162,7 @@ class SpikeGuard:
 
 def _reset_state(optimizer) -> None:
     """Forget the optimizer's per-parameter state (moments and step counts)."""
-    inner = optimizer
-    while not isinstance(getattr(inner, "state", None), dict) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
-    inner.state.clear()
+    unwrap_optimizer(optimizer).state.clear()
 
 
 def _scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from .backends.base import Shard
 from .errors import PMAStateError
 from .offload import chunks
-from .state_format import FORMAT_VERSION, check_version
+from .state_format import FORMAT_VERSION, StateHeader, check_version
 
 FORMAT = "pma_dist-fragments"
 FILE_PATTERN = "pma_rank{rank:05d}.pt"
@@ -81,7 +81,7 @@ def write_rank_file(
     directory: Path,
     rank: int,
     world_size: int,
-    header: dict[str, Any],
+    header: StateHeader,
     shards: list[Shard],
     slots: list[list[torch.Tensor]],
 ) -> Path:
@@ -95,7 +95,7 @@ def write_rank_file(
         "version": FORMAT_VERSION,
         "rank": rank,
         "world_size": world_size,
-        **header,
+        "header": header.to_flat(),
         "fragments": [
             [(f.param, tuple(f.shape), f.start, f.numel, f.local_start) for f in s.fragments]
             for s in shards
@@ -129,6 +129,13 @@ def read_rank_file(path: Path) -> dict[str, Any]:
     if version > 1 and payload.get("header_sha256") != header_digest(payload):
         raise PMAStateError(f"{path}: the header does not match its checksum (corrupted)")
     return payload
+
+
+def file_header(payload: dict[str, Any], where: str) -> StateHeader:
+    """The state header of a rank file of either format (format 1 split it in two)."""
+    if payload["version"] == 1:
+        return StateHeader.from_flat({"meta": payload["meta"], **payload["counters"]}, where)
+    return StateHeader.from_flat(payload["header"], where)
 
 
 def read_rank_files(directory: Path) -> list[dict[str, Any]]:

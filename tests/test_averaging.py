@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pma_dist.averaging import RunningAverage, WindowAverage, all_finite, window_weights
+from pma_dist.averaging import RunningAverage, WindowAverage
+from pma_dist.kernels import all_finite
+from pma_dist.weights import window_weights
 from tests.support.reference import assert_close_rel, merge_reference, window_reference
 
 ALPHA = 0.3

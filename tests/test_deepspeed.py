@@ -368,3 +368,34 @@ def test_tokens_from_micro_batches_and_apply_under_zero3() -> None:
     assert_bitwise_equal(result["working"], rounded, "and the working weights follow")
     assert torch.isfinite(torch.tensor(result["loss"]))
     assert "pass tokens=" in result["missing"] and "tokens_per_step" in result["missing"]
+
+
+def _detach_worker(rank: int, world_size: int, root: str) -> dict:
+    from pma_dist.deepspeed import detach
+    from pma_dist.optimizers import unwrap_optimizer
+
+    engine = make_engine(2, world_size, {"window": 2, "interval_steps": 1, "offload": "cpu"})
+    inner = unwrap_optimizer(engine.optimizer)
+    out = {"hooks_attached": len(inner._optimizer_step_pre_hooks)}
+    merger = detach(engine)
+    out["hooks_left"] = len(inner._optimizer_step_pre_hooks)
+    out["patched_left"] = sorted(
+        n for n in ("step", "save_checkpoint", "load_checkpoint", "pma") if n in vars(engine)
+    )
+    plain = make_engine(2, world_size, None)
+    out["losses"] = [engine_step(engine, s, rank, world_size) for s in range(3)]
+    out["plain_losses"] = [engine_step(plain, s, rank, world_size) for s in range(3)]
+    out["snapshots_after_detach"] = merger.num_snapshots
+    engine.save_checkpoint(root, tag="after")
+    out["second_detach"] = detach(engine)
+    return out
+
+
+def test_detach_puts_the_engine_back_as_it_was(tmp_path: Path) -> None:
+    for result in run_ranks(_detach_worker, 2, str(tmp_path)):
+        assert result["hooks_attached"] == 1 and result["hooks_left"] == 0
+        assert result["patched_left"] == [], "engine methods restored, engine.pma gone"
+        assert result["losses"] == result["plain_losses"], "trains exactly as a plain engine"
+        assert result["snapshots_after_detach"] == 0 and result["second_detach"] is None
+    assert not list((tmp_path / "after").glob("pma_rank*.pt")), "no PMA state saved after detach"
+    assert list((tmp_path / "after").iterdir()), "DeepSpeed's own checkpoint is written"

@@ -162,3 +162,19 @@ def test_a_run_of_nonfinite_snapshots_raises_naming_the_tensor(window) -> None:
         model, None, PMAConfig(window=window, interval_steps=1, max_consecutive_skips=None)
     )
     assert not any(relaxed.snapshot() for _ in range(5)) and relaxed.num_skipped == 5
+
+
+def test_close_removes_the_hooks_it_installed() -> None:
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = PMAConfig(window=2, interval_steps=1, offload="cpu")
+    first = Merger(model, optimizer, config)
+    with Merger(model, optimizer, config) as second:
+        assert len(optimizer._optimizer_step_pre_hooks) == 2
+        second.snapshot()
+    assert len(optimizer._optimizer_step_pre_hooks) == 1, "leaving the block closes it"
+    first.close()
+    first.close()
+    assert len(optimizer._optimizer_step_pre_hooks) == 0
+    with second.swapped():
+        pass

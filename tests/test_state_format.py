@@ -129,7 +129,7 @@ def test_state_files_never_run_code_and_refuse_edited_headers(tmp_path: Path) ->
             attempt(directory)
     assert not marker.exists(), "the crafted file ran code"
 
-    payload["counters"]["count"] = 7
+    payload["header"]["count"] = 7
     torch.save(payload, path)
     with pytest.raises(PMAStateError, match="header does not match its checksum"):
         fresh.load(directory)

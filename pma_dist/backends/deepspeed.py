@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..optimizers import optimizer_chain
 from .base import Fragment, Shard, canonical_name
 from .plain import buffer_shards
 
@@ -186,6 +187,14 @@ class DeepSpeedBackend:
         zo.checkpoint_event_epilogue()
 
 
+def backend_for(model: nn.Module, optimizer, buffers: bool) -> DeepSpeedBackend | None:
+    """A DeepSpeed engine, or a module whose optimizer is (or wraps) a ZeRO optimizer."""
+    if is_deepspeed_engine(model):
+        return DeepSpeedBackend(model.module, model.optimizer, buffers=buffers)
+    zero = zero_optimizer_of(optimizer)
+    return DeepSpeedBackend(model, zero, buffers=buffers) if zero is not None else None
+
+
 def is_deepspeed_engine(model: object) -> bool:
     """True for a ``DeepSpeedEngine`` (checked without importing DeepSpeed when it is absent)."""
     if "deepspeed" not in sys.modules:
@@ -198,13 +207,8 @@ def is_deepspeed_engine(model: object) -> bool:
 def zero_optimizer_of(optimizer: object):
     """The ZeRO optimizer inside ``optimizer`` (itself, or under wrappers such as Accelerate's
     ``DeepSpeedOptimizerWrapper``), or None."""
-    for _ in range(4):
-        if optimizer is None:
-            return None
-        if any(hasattr(optimizer, a) for a in _MASTER_ATTRIBUTES):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
+    chain = optimizer_chain(optimizer)
+    return next((o for o in chain if any(hasattr(o, a) for a in _MASTER_ATTRIBUTES)), None)
 
 
 _MASTER_ATTRIBUTES = (

@@ -114,3 +114,16 @@ class FSDP2Backend:
 
     def end_write(self) -> None:
         pass
+
+
+def backend_for(model: nn.Module, optimizer, buffers: bool) -> FSDP2Backend | None:
+    """Models that ``fully_shard`` wrapped, or whose parameters are DTensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from . import require_parameters
+
+    params = require_parameters(model, optimizer)
+    sharded = any(isinstance(m, FSDPModule) for m in model.modules())
+    if sharded or any(isinstance(p, DTensor) for _, p in params):
+        return FSDP2Backend(model, optimizer, buffers=buffers)
+    return None

@@ -62,3 +62,11 @@ class PlainBackend:
 
     def end_write(self) -> None:
         pass
+
+
+def backend_for(model: nn.Module, optimizer, buffers: bool) -> PlainBackend:
+    """Any model: every rank holds whole tensors."""
+    from . import require_parameters
+
+    require_parameters(model, optimizer)
+    return PlainBackend(model, optimizer, buffers=buffers)

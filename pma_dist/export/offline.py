@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from ..averaging import window_weights
 from ..errors import PMAStateError
 from ..inspect_state import read_entries
-from ..state_format import check_version, counters_v2, merge_order
+from ..state_format import StateHeader, unflatten
+from ..weights import resolve_weights
 from .atomic import ExportError
 from .sources import module_state, read_dcp_tensor
 
@@ -28,18 +28,6 @@ def _load_config(config: Any):
         return config
     path = Path(config)
     return AutoConfig.from_pretrained(path.parent if path.is_file() else path)
-
-
-def _nested(values: dict[str, Any]) -> dict[str, Any]:
-    """Flat DCP keys (``schedule.steps_seen``) with their dotted groups as dicts again."""
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        head, _, rest = key.partition(".")
-        if rest:
-            out.setdefault(head, {})[rest] = value
-        else:
-            out[key] = value
-    return out
 
 
 class OfflineSource:
@@ -66,31 +54,25 @@ class OfflineSource:
             self._plan_merge(values, method)
 
     def _plan_merge(self, values: dict[str, Any], method: str | None) -> None:
-        saved = {
-            k[len("meta.config.") :]: v for k, v in values.items() if k.startswith("meta.config.")
-        }
-        mode = values["meta.mode"]
         try:
-            version = check_version(values.get("meta.format"), str(self.source))
-            window = values["meta.window"]
-            counters = counters_v2(_nested(values), version, window or 1)
+            header = StateHeader.from_flat(unflatten(values), str(self.source))
         except PMAStateError as err:
             raise ExportError(str(err)) from None
-        order = merge_order(counters["records"])
-        if not order:
+        self.order = header.merge_order()
+        if not self.order:
             raise ExportError(f"{self.source}: the PMA state holds no valid snapshot")
-        self.averaged = set(values["meta.names"])
-        if mode == "running":
-            if method not in (None, saved["method"]):
-                raise ExportError(
-                    f"{self.source}: running-mode state averages with {saved['method']!r}; "
-                    f"method={method!r} needs a window-mode state"
-                )
-            self.order, self.weights, self.method = [0], [1.0], saved["method"]
-            return
+        self.averaged = set(header.names or ())
+        saved = header.config
+        if header.mode == "running" and method not in (None, header.running_method):
+            raise ExportError(
+                f"{self.source}: running-mode state averages with {header.running_method!r}; "
+                f"method={method!r} needs a window-mode state"
+            )
         self.method = method or saved["method"]
-        self.order = order
-        self.weights = window_weights(self.method, len(self.order), saved["ema_alpha"])
+        if header.mode == "running":
+            self.weights = [1.0]
+        else:
+            self.weights = resolve_weights(len(self.order), self.method, saved["ema_alpha"])
 
     def describe(self) -> dict[str, Any]:
         return {

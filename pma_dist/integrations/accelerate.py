@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import PMAConfig
 from ..merger import Merger
+from ..optimizers import unwrap_optimizer
 
 
 def attach(
@@ -55,7 +56,7 @@ def attach(
                 "on CPU); PMA state would be a full copy per rank. Use FSDP2 "
                 "(fsdp_version=2) on accelerators, or DDP/DeepSpeed here."
             )
-    return Merger(model, getattr(optimizer, "optimizer", optimizer), config)
+    return Merger(model, unwrap_optimizer(optimizer), config)
 
 
 def _fsdp_requested(accelerator) -> bool:

@@ -11,6 +11,8 @@ the same tuple. When the config has an enabled ``"pma"`` section (the keys of
   (``pma_rank*.pt`` in the tag directory, before ``latest`` names the tag);
 * ``engine.load_checkpoint`` checks that state against this run first, then loads it,
   resharded to this run's ranks and ZeRO stage.
+
+:func:`detach` puts the engine back as it was.
 """
 
 from __future__ import annotations
@@ -70,14 +72,37 @@ def initialize(*args: Any, config: Any = None, config_params: Any = None, **kwar
     return result
 
 
+_PATCHED = ("step", "save_checkpoint", "load_checkpoint")
+_MISSING = object()
+
+
 def attach(engine, config: PMAConfig | Mapping[str, Any]) -> Merger:
-    """Give ``engine`` a Merger (``engine.pma``) stepped and checkpointed with the engine."""
+    """Give ``engine`` a Merger (``engine.pma``) stepped and checkpointed with the engine;
+    :func:`detach` undoes it."""
     if getattr(engine, "pma", None) is not None:
         raise RuntimeError("this DeepSpeed engine already has a PMA Merger (engine.pma)")
     merger = Merger(engine, engine.optimizer, config)
+    engine._pma_originals = {name: engine.__dict__.get(name, _MISSING) for name in _PATCHED}
     engine.pma = merger
     _hook_step(engine, merger)
     _hook_checkpoints(engine, merger)
+    return merger
+
+
+def detach(engine) -> Merger | None:
+    """Remove what :func:`attach` installed: the engine's own ``step``, ``save_checkpoint``
+    and ``load_checkpoint`` come back, ``engine.pma`` goes and the Merger's hooks are removed.
+    The detached Merger (its state still readable), or None if none was attached."""
+    merger = getattr(engine, "pma", None)
+    if merger is None:
+        return None
+    for name, original in engine.__dict__.pop("_pma_originals").items():
+        if original is _MISSING:
+            engine.__dict__.pop(name, None)
+        else:
+            setattr(engine, name, original)
+    del engine.pma
+    merger.close()
     return merger
 
 

@@ -1,0 +1,105 @@
+"""The fused tensor work behind snapshots, checks and merges, on groups of tensors that share
+a device and a dtype: ``torch._foreach_*`` on accelerators, cache-sized blocks on the CPU, and
+chunked staging when slots live in host memory for device tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .offload import chunks
+
+Tensors = Sequence[torch.Tensor]
+Runs = tuple[tuple[int, int], ...] | None
+CPU_BLOCK_NUMEL = 1 << 20
+"""Elements per block of a CPU merge (4 MiB of fp32: the accumulator stays in cache)."""
+
+
+def all_finite(tensors: Tensors) -> torch.Tensor:
+    """A 0-dim float tensor: 1.0 when every element of every tensor is finite, else 0.0.
+
+    One read of the data: a sum is finite exactly when its terms are (short of a total above
+    3e38, which no trained weight reaches). Accelerators take one fused ``_foreach_norm(1)``
+    per group; on CPU a plain ``sum`` per tensor is the fastest reduction torch has.
+    """
+    if not tensors:
+        return torch.ones(())
+    sums = []
+    for group in device_groups(tensors):
+        members = [tensors[i] for i in group]
+        if members[0].device.type == "cpu":
+            parts = [t.sum(dtype=torch.float32) for t in members]
+        else:
+            parts = torch._foreach_norm(members, 1, dtype=torch.float32)
+        sums.append(torch.stack(parts).float().sum())
+    device = tensors[0].device
+    total = torch.stack([s.to(device) for s in sums]).sum()
+    return torch.isfinite(total).float()
+
+
+def device_groups(tensors: Tensors) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), for fused foreach calls."""
+    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_key.setdefault((t.device, t.dtype), []).append(i)
+    return list(by_key.values())
+
+
+def real_views(tensors: Tensors, runs: Sequence[Runs]) -> list[torch.Tensor]:
+    """``tensors`` with each padded one replaced by flat views of its real runs."""
+    out: list[torch.Tensor] = []
+    for tensor, spans in zip(tensors, runs):
+        if spans is None:
+            out.append(tensor)
+        else:
+            flat = tensor.view(-1)
+            out.extend(flat[start : start + numel] for start, numel in spans)
+    return out
+
+
+def weighted_sum_blocked(
+    outs: list[torch.Tensor], slots: list[list[torch.Tensor]], weights: list[float]
+) -> None:
+    """``outs[i] = sum_s weights[s] * slots[s][i]`` on the CPU, a cache-sized block at a time,
+    so the accumulator stays in cache and each slot is read once (1.6x faster than whole-tensor
+    passes for a 10-slot window)."""
+    for i, out in enumerate(outs):
+        flat_out = out.view(-1)
+        flats = [slot[i].view(-1) for slot in slots]
+        for part in chunks(out.numel(), CPU_BLOCK_NUMEL):
+            acc = flat_out[part]
+            acc.copy_(flats[0][part]).mul_(weights[0])
+            for flat, weight in zip(flats[1:], weights[1:]):
+                acc.add_(flat[part], alpha=weight)
+
+
+def weighted_sum_staged(
+    outs: list[torch.Tensor],
+    slots: list[list[torch.Tensor]],
+    weights: list[float],
+    dtype: torch.dtype,
+) -> None:
+    """``outs[i] = sum_s weights[s] * slots[s][i]`` with slots on another device, chunk by chunk.
+
+    Returns once the device has read the slots, so that the host may overwrite them (``load``)."""
+    for i, out in enumerate(outs):
+        flat_out = out.view(-1)
+        flats = [slot[i].view(-1) for slot in slots]
+        for part in chunks(out.numel()):
+            acc = flats[0][part].to(out.device, dtype, non_blocking=True).mul_(weights[0])
+            for flat, weight in zip(flats[1:], weights[1:]):
+                acc.add_(flat[part].to(out.device, non_blocking=True), alpha=weight)
+            flat_out[part].copy_(acc)
+    if outs:
+        torch.get_device_module(outs[0].device).synchronize(outs[0].device)
+
+
+def lerp_staged(dst: list[torch.Tensor], src: list[torch.Tensor], weight: float) -> None:
+    """``dst[i].lerp_(src[i], weight)`` with ``dst`` in host memory, through device chunks."""
+    for slot, live in zip(dst, src):
+        flat_slot, flat_live = slot.view(-1), live.view(-1)
+        for part in chunks(slot.numel()):
+            acc = flat_slot[part].to(live.device, non_blocking=True)
+            acc.lerp_(flat_live[part].to(acc.dtype), weight)
+            flat_slot[part].copy_(acc)

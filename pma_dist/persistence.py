@@ -1,0 +1,163 @@
+"""A Merger's averaging state in and out of checkpoints, checked in full before anything changes.
+
+Two forms: the DCP form (:func:`dcp_state` / :func:`load_dcp_state`), slots laid out like their
+parameters so that ``torch.distributed.checkpoint`` saves them sharded and reshards them on load;
+and per-rank files (:func:`save_files` / :func:`plan_files`), runs of parameter elements that
+load under any layout (DeepSpeed ZeRO stages, FSDP2, whole tensors). Both carry the same
+:class:`~pma_dist.state_format.StateHeader`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .averaging import AveragingState
+from .backends import Backend
+from .errors import PMAStateError
+from .state_files import (
+    Copy,
+    apply_copies,
+    file_header,
+    plan_copies,
+    read_rank_files,
+    write_rank_file,
+)
+from .state_format import StateHeader
+
+
+def dcp_state(backend: Backend, state: AveragingState, header: StateHeader) -> dict[str, Any]:
+    """The state dict DCP saves: the header's flat form and ``slots.<k>.<name>`` tensors."""
+    state.wait_host()
+    shards = backend.shards()
+    if any(s.checkpoint_view is None for s in shards):
+        raise TypeError(
+            f"{type(backend).__name__} shards have no DCP form; save the averaging state with "
+            "Merger.save(directory) (or the engine's save_checkpoint)"
+        )
+    slots = {
+        str(k): {s.name: s.checkpoint_view(buf) for s, buf in zip(shards, slot)}
+        for k, slot in enumerate(state.slots)
+    }
+    return {**header.to_flat(), "slots": slots}
+
+
+def load_dcp_state(
+    saved: Mapping[str, Any], state: AveragingState, ours: StateHeader
+) -> StateHeader:
+    """Copy the slots of a loaded DCP state dict into ``state``; the saved header.
+
+    Everything is checked before a slot changes. Format 1 saved no buffers: their slots are
+    left for :func:`buffers_from_live`.
+    """
+    missing = [k for k in ("meta", "count", "slots", "schedule") if k not in saved]
+    if missing:
+        raise PMAStateError(f"PMA state lacks {missing}: not a Merger.state_dict()")
+    header = StateHeader.from_flat(saved, "Merger.load_state_dict")
+    header.check_matches(ours, "Merger.load_state_dict")
+    names = [n for n in ours.names if header.format > 1 or n not in ours.buffers]
+    try:
+        sources = [
+            [_local(saved["slots"][str(k)][name]) for name in names]
+            for k in range(len(state.slots))
+        ]
+    except KeyError as missing_key:
+        raise PMAStateError(f"PMA state is incomplete: no slot entry {missing_key}") from None
+    index = {name: i for i, name in enumerate(ours.names)}
+    targets = [[slot[index[n]] for n in names] for slot in state.slots]
+    for k, (slot, srcs) in enumerate(zip(targets, sources)):
+        for name, dst, src in zip(names, slot, srcs):
+            if tuple(src.shape) != tuple(dst.shape):
+                raise PMAStateError(
+                    f"PMA state slot {k}, {name!r}: local shape {tuple(src.shape)}, this rank "
+                    f"expects {tuple(dst.shape)}"
+                )
+    state.wait_host()
+    with torch.no_grad():
+        for slot, srcs in zip(targets, sources):
+            for dst, src in zip(slot, srcs):
+                if src.data_ptr() != dst.data_ptr() or src.numel() == 0:
+                    dst.copy_(src)
+    return header
+
+
+def save_files(
+    directory: Path,
+    backend: Backend,
+    state: AveragingState,
+    header: StateHeader,
+    group: dist.ProcessGroup | None,
+) -> Path:
+    """Write one file per rank under ``directory``. Collective. The fragments name every
+    element, so the header leaves out the layout's own tensor names (ZeRO flat groups, say)."""
+    header = replace(header, names=None, shapes=None)
+    if comm.rank(group) == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    comm.broadcast_object(None, group=group)
+    state.wait_host()
+    rank, world = comm.rank(group), comm.world_size(group)
+    write_rank_file(directory, rank, world, header, backend.shards(), state.slots)
+    comm.gather_objects(None, group=group)
+    return directory
+
+
+@dataclass
+class FileLoad:
+    """A checked plan to load per-rank files: nothing has changed yet."""
+
+    files: list[dict[str, Any]]
+    copies: list[Copy]
+    header: StateHeader
+
+    def apply(self, state: AveragingState) -> None:
+        """Fill every slot of ``state`` from the files."""
+        state.wait_host()
+        with torch.no_grad():
+            for k, slot in enumerate(state.slots):
+                apply_copies(self.files, self.copies, k, slot)
+
+
+def plan_files(directory: Path, backend: Backend, ours: StateHeader) -> FileLoad:
+    """Read and check the files under ``directory`` against this Merger (settings, every
+    element of every tensor covered) without changing anything."""
+    files = read_rank_files(directory)
+    header = file_header(files[0], str(directory))
+    header.check_matches(ours, str(directory))
+    shards = backend.shards()
+    skip = {i for i, s in enumerate(shards) if s.buffer and header.format == 1}
+    return FileLoad(files, plan_copies(files, shards, skip=skip), header)
+
+
+def buffers_from_live(backend: Backend, state: AveragingState, names: list[str]) -> None:
+    """Fill the buffers of every filled slot with the live buffers, for a state saved without
+    them (format 1), and say so."""
+    buffers = [(i, s) for i, s in enumerate(backend.shards()) if s.buffer]
+    if not buffers:
+        return
+    warnings.warn(
+        f"PMA state format 1 holds no buffers: {', '.join(s.name for _, s in buffers[:5])} "
+        "start from their live values in every snapshot of the window",
+        stacklevel=4,
+    )
+    with torch.no_grad():
+        for slot, record in zip(state.slots, state.records):
+            if record is not None:
+                for i, shard in buffers:
+                    slot[i].copy_(shard.local)
+
+
+def _local(tensor: Any) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        return tensor.to_local()
+    if not isinstance(tensor, torch.Tensor):
+        raise PMAStateError(f"PMA state slot holds {type(tensor).__name__}, expected a tensor")
+    return tensor
