@@ -13,10 +13,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("accelerate")
 pytest.importorskip("deepspeed")
 
+from pma_dist.testing import (  # noqa: E402
+    assert_close_rel,
+    run_ranks,  # noqa: E402
+    window_reference,
+)
 from tests.support.deepspeed_runs import ds_config, full_fp32  # noqa: E402
-from tests.support.distributed import run_ranks  # noqa: E402
 from tests.support.models import batch, loss_of, make_model  # noqa: E402
-from tests.support.reference import assert_close_rel, window_reference  # noqa: E402
 
 
 def _train(accelerator, model, optimizer, rank: int, world_size: int, after_step) -> list:

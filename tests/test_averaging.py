@@ -7,8 +7,8 @@ import torch
 
 from pma_dist.averaging import RunningAverage, WindowAverage
 from pma_dist.kernels import all_finite
+from pma_dist.testing import assert_close_rel, merge_reference, window_reference
 from pma_dist.weights import window_weights
-from tests.support.reference import assert_close_rel, merge_reference, window_reference
 
 ALPHA = 0.3
 SHAPES = [(5, 3), (7,), (0, 4), (2, 2, 2)]

@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 
 from pma_dist import Merger, PMAConfig, PMAStateError
-from tests.support.distributed import run_ranks
+from pma_dist.testing import assert_bitwise_equal, assert_close_rel, run_ranks, window_reference
 from tests.support.hf_models import hf_train_step, make_hf_model, shard_hf_fsdp2
 from tests.support.models import full_state
-from tests.support.reference import assert_bitwise_equal, assert_close_rel, window_reference
 
 BIAS = "model.layers.1.mlp.gate.e_score_correction_bias"
 

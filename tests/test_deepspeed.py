@@ -16,6 +16,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 deepspeed = pytest.importorskip("deepspeed")
 
 from pma_dist import PMAConfigError, PMAStateError  # noqa: E402
+from pma_dist.testing import (  # noqa: E402
+    assert_bitwise_equal,
+    assert_close_rel,
+    run_ranks,  # noqa: E402
+    window_reference,
+)
 from tests.support.deepspeed_runs import (  # noqa: E402
     assembled_fp32,
     ds_config,
@@ -26,12 +32,6 @@ from tests.support.deepspeed_runs import (  # noqa: E402
     make_engine,
     make_moe_engine,
     moe_step,
-)
-from tests.support.distributed import run_ranks  # noqa: E402
-from tests.support.reference import (  # noqa: E402
-    assert_bitwise_equal,
-    assert_close_rel,
-    window_reference,
 )
 
 PMA = {"method": "wma", "window": 3, "interval_steps": 1, "ema_alpha": 0.3}

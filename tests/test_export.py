@@ -17,11 +17,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from pma_dist import Merger, PMAConfig
 from pma_dist.export import verify_export
+from pma_dist.testing import assert_bitwise_equal, assert_close_rel, run_ranks
 from tests.support.cli import run_cli
-from tests.support.distributed import run_ranks
 from tests.support.hf_models import hf_batch, hf_train_step, make_hf_model, shard_hf_fsdp2
 from tests.support.models import full_state
-from tests.support.reference import assert_bitwise_equal, assert_close_rel
 
 
 def _export_worker(rank: int, world_size: int, root: str, kind: str) -> dict:

@@ -15,8 +15,8 @@ import torch
 from pma_dist import Merger, PMAConfig
 from pma_dist.export import ExportError, export_model, verify_export
 from pma_dist.export.manifest import MANIFEST
+from pma_dist.testing import run_rank_outcomes
 from tests.support.cli import run_cli
-from tests.support.distributed import run_rank_outcomes
 from tests.support.hf_models import hf_train_step, make_hf_model, shard_hf_fsdp2
 from tests.support.models import make_model
 

@@ -15,9 +15,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from pma_dist import Merger, PMAConfig, PMAStateError
-from tests.support.distributed import run_rank_outcomes, run_ranks
+from pma_dist.testing import assert_bitwise_equal, run_rank_outcomes, run_ranks
 from tests.support.models import make_model, shard_fsdp2, train_step
-from tests.support.reference import assert_bitwise_equal
 
 END, GOOD = 12, 6
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from pma_dist import Merger, PMAConfig
-from tests.support.distributed import run_ranks
-from tests.support.models import batch, full_state, make_model, shard_fsdp2, train_step
-from tests.support.reference import (
+from pma_dist.testing import (
     assert_bitwise_equal,
     assert_close_rel,
     merge_reference,
+    run_ranks,
     window_reference,
 )
+from tests.support.models import batch, full_state, make_model, shard_fsdp2, train_step
 
 WINDOW, ALPHA, SNAPSHOTS = 8, 0.3, 33
 CHECK_AT = {1, WINDOW - 1, WINDOW, WINDOW + 1, 2 * WINDOW, SNAPSHOTS}

@@ -7,13 +7,13 @@ import torch
 
 from pma_dist import Merger, PMAConfig
 from pma_dist.offload import STAGING_NUMEL
-from tests.support.models import full_state, make_model
-from tests.support.reference import (
+from pma_dist.testing import (
     assert_bitwise_equal,
     assert_close_rel,
     merge_reference,
     window_reference,
 )
+from tests.support.models import full_state, make_model
 
 pytestmark = pytest.mark.gpu
 
@@ -106,7 +106,7 @@ def _fsdp2_offloaded_checkpoint(rank: int, world_size: int, directory: str) -> N
 
 def test_fsdp2_offloaded_state_is_checkpointed_from_host_memory(tmp_path) -> None:
     """DCP saves and loads host slots of a CUDA-mesh FSDP2 model without copying them to GPU."""
-    from tests.support.distributed import run_ranks
+    from pma_dist.testing import run_ranks
 
     run_ranks(_fsdp2_offloaded_checkpoint, 1, str(tmp_path / "ckpt"), backend="cpu:gloo,cuda:nccl")
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pma_dist import Merger, PMAConfig, PMAStateError
+from pma_dist.testing import assert_bitwise_equal, assert_close_rel, window_reference
 from tests.support.models import full_state, make_model, train_step
-from tests.support.reference import assert_bitwise_equal, assert_close_rel, window_reference
 
 
 def _trained(window: int | None = 3, steps: int = 6, method: str = "sma", seed: int = 0):

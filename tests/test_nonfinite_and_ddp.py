@@ -6,9 +6,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pma_dist import Merger, NonFiniteSnapshotError, PMAConfig, PMAStateError
-from tests.support.distributed import run_ranks
+from pma_dist.testing import assert_bitwise_equal, assert_close_rel, run_ranks, window_reference
 from tests.support.models import batch, full_state, make_model, shard_fsdp2, train_step
-from tests.support.reference import assert_bitwise_equal, assert_close_rel, window_reference
 
 BAD_RANK = 1
 

@@ -13,13 +13,14 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("deepspeed")
 
-from tests.support.deepspeed_runs import ds_config, full_fp32  # noqa: E402
-from tests.support.distributed import fill_uninitialized_memory, run_ranks  # noqa: E402
-from tests.support.reference import (  # noqa: E402
+from pma_dist.testing import (  # noqa: E402  # noqa: E402
     assert_bitwise_equal,
     assert_close_rel,
+    fill_uninitialized_memory,
+    run_ranks,
     window_reference,
 )
+from tests.support.deepspeed_runs import ds_config, full_fp32  # noqa: E402
 
 PMA = {"method": "wma", "window": 3, "interval_steps": 1}
 

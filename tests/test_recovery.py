@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pma_dist import Merger, PMAConfig, SpikeGuard, SpikeGuardConfig, SpikeRecoveryExhausted
-from tests.support.distributed import run_ranks
+from pma_dist.testing import run_ranks
 from tests.support.models import counting_batch, loss_of, make_model, shard_fsdp2
 
 SPIKE = range(50, 52)
@@ -92,8 +92,8 @@ def _recorded_run(guard_config: SpikeGuardConfig, pma: PMAConfig, spikes, steps:
     the float64 merge of the snapshots a person would keep: those of the window taken before
     the loss went bad, none from the abandoned trajectory (whose places new snapshots take
     before the oldest is let go)."""
+    from pma_dist.testing import assert_close_rel, merge_reference
     from tests.support.models import full_state
-    from tests.support.reference import assert_close_rel, merge_reference
 
     model = make_model(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

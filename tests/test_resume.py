@@ -10,9 +10,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor
 
 from pma_dist import Merger, PMAConfig
-from tests.support.distributed import run_ranks
+from pma_dist.testing import assert_bitwise_equal, assert_close_rel, run_ranks
 from tests.support.models import full_state, make_model, shard_fsdp2, train_step
-from tests.support.reference import assert_bitwise_equal, assert_close_rel
 
 END_STEP = 24
 

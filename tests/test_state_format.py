@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from pma_dist import Merger, PMAConfig, PMAStateError
-from tests.support.distributed import run_ranks
+from pma_dist.testing import assert_bitwise_equal, assert_close_rel, merge_reference, run_ranks
 from tests.support.models import full_state, make_buffered_model, make_model
-from tests.support.reference import assert_bitwise_equal, assert_close_rel, merge_reference
 
 FIXTURES = Path(__file__).parent / "data" / "state_v1"
 WINDOW = PMAConfig(method="wma", window=3, interval_steps=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.support.reference import assert_bitwise_equal, assert_close_rel, merge_reference
+from pma_dist.testing import assert_bitwise_equal, assert_close_rel, merge_reference
 
 
 def _pair():

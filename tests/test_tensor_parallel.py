@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pma_dist import Merger, PMAConfig
-from tests.support.distributed import run_ranks
+from pma_dist.testing import run_ranks
 
 
 def _worker(rank: int, world_size: int) -> str:

@@ -13,11 +13,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from pma_dist import Merger, PMAConfig
 from pma_dist.backends import canonical_name
+from pma_dist.testing import assert_bitwise_equal, run_ranks
 from tests.support.cli import run_cli
-from tests.support.distributed import run_ranks
 from tests.support.hf_models import hf_train_step, make_hf_model, shard_hf_fsdp2
 from tests.support.models import full_state
-from tests.support.reference import assert_bitwise_equal
 
 CONFIG = PMAConfig(method="wma", window=3, interval_steps=1)
 

@@ -62,7 +62,9 @@ def shard_fsdp2(model: nn.Module, device: torch.device) -> nn.Module:
     """FSDP2 on one node, HSDP (shard within a node, replicate across nodes) on several."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from pma_dist.sharding import fully_shard_blocks
 
     world = dist.get_world_size()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -77,7 +79,4 @@ def shard_fsdp2(model: nn.Module, device: torch.device) -> nn.Module:
         if device.type == "cuda"
         else MixedPrecisionPolicy()
     )
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
+    return fully_shard_blocks(model, model.model.layers, mesh, mp_policy=policy)

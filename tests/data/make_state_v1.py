@@ -55,7 +55,7 @@ def _worker(rank: int, world_size: int, root: str) -> dict:
 def main() -> None:
     from safetensors.torch import save_file
 
-    from tests.support.distributed import run_ranks
+    from pma_dist.testing import run_ranks
 
     if HERE.exists():
         shutil.rmtree(HERE)

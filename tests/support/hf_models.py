@@ -60,14 +60,9 @@ def make_hf_model(kind: str, seed: int = 0) -> nn.Module:
 
 
 def shard_hf_fsdp2(model: nn.Module, world_size: int) -> nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from pma_dist.testing import shard_blocks
 
-    mesh = init_device_mesh("cpu", (world_size,))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return shard_blocks(model, model.model.layers, world_size)
 
 
 def hf_batch(step: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:

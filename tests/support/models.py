@@ -77,15 +77,10 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyLM:
 
 
 def shard_fsdp2(model: TinyLM, world_size: int, device_type: str = "cpu") -> TinyLM:
-    """Apply FSDP2 ``fully_shard`` per block and at the root over a 1-D mesh."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    """FSDP2 per block and at the root over a 1-D mesh."""
+    from pma_dist.testing import shard_blocks
 
-    mesh = init_device_mesh(device_type, (world_size,))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return shard_blocks(model, model.blocks, world_size, device_type)
 
 
 def batch(step: int, rank: int, world_size: int) -> torch.Tensor:

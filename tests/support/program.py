@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.support.distributed import free_port
+from pma_dist.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {

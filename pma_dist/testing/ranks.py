@@ -187,7 +187,11 @@ def run_ranks(
     outcomes = run_rank_outcomes(fn, world_size, *args, timeout=timeout, backend=backend)
     errors = [f"--- rank {r} ---\n{o.error}" for r, o in enumerate(outcomes) if o.error]
     if errors:
-        raise RuntimeError(f"{fn.__name__} failed on {world_size} ranks:\n" + "\n".join(errors))
+        codes = [(r, o.exitcode) for r, o in enumerate(outcomes)]
+        raise RuntimeError(
+            f"{fn.__name__} failed on {world_size} ranks (rank, exit code: {codes}):\n"
+            + "\n".join(errors)
+        )
     bad = [(r, o.exitcode) for r, o in enumerate(outcomes) if o.exitcode != 0]
     if bad:
         raise RuntimeError(f"{fn.__name__}: ranks ended abnormally (rank, exit code): {bad}")
