@@ -3,6 +3,6 @@
 See :mod:`pma_dist.integrations.accelerate`.
 """
 
-from .integrations.accelerate import attach
+from .integrations.accelerate import attach, detach
 
-__all__ = ["attach"]
+__all__ = ["attach", "detach"]

@@ -37,7 +37,7 @@ def _deepspeed_plugin_worker(rank: int, world_size: int) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-    from pma_dist.accelerate import attach
+    from pma_dist.accelerate import attach, detach
 
     config = ds_config(2, world_size, {"method": "sma", "window": 2, "interval_steps": 1})
     accelerator = Accelerator(
@@ -52,12 +52,16 @@ def _deepspeed_plugin_worker(rank: int, world_size: int) -> dict:
         merged = full_fp32(model)
     out = {"count": merger.num_snapshots, "snapshots": snapshots, "merged": merged}
     out["same_object"] = model.pma is merger
+    detach(accelerator, model)
+    _train(accelerator, model, optimizer, rank, world_size, lambda: None)
+    out["after_detach"] = (merger.num_snapshots, sorted(set(vars(model)) & {"pma", "step"}))
     return out
 
 
 def test_deepspeed_plugin_pma_section() -> None:
     result = run_ranks(_deepspeed_plugin_worker, 2)[0]
     assert result["same_object"] and result["count"] == 3
+    assert result["after_detach"] == (3, []), "detached: no more snapshots, engine restored"
     assert_close_rel(
         result["merged"], window_reference(result["snapshots"], 2, "sma"), 1e-6, "accelerate"
     )

@@ -7,6 +7,8 @@
   ``optimizer.step()``. If FSDP was asked for but the parameters are not sharded (Accelerate
   falls back silently on some setups), attaching refuses: a "sharded" average would really be
   a full replica per rank.
+
+:func:`detach` undoes either.
 """
 
 from __future__ import annotations
@@ -57,6 +59,24 @@ def attach(
                 "(fsdp_version=2) on accelerators, or DDP/DeepSpeed here."
             )
     return Merger(model, unwrap_optimizer(optimizer), config)
+
+
+def detach(accelerator, model: nn.Module, merger: Merger | None = None) -> None:
+    """Undo :func:`attach`: with the DeepSpeed plugin the engine gets its own ``step`` and
+    checkpoint methods back (:func:`pma_dist.deepspeed.detach`); otherwise ``merger`` (if
+    given) removes its hooks. Its state stays readable."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from ..backends.deepspeed import is_deepspeed_engine
+        from .deepspeed import detach as detach_engine
+
+        engine = (
+            model if is_deepspeed_engine(model) else accelerator.deepspeed_engine_wrapped.engine
+        )
+        detach_engine(engine)
+    elif merger is not None:
+        merger.close()
 
 
 def _fsdp_requested(accelerator) -> bool:
