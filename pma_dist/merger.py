@@ -195,7 +195,14 @@ class Merger:
         }
         with self.swapped(method, weights, last=last):
             return export_model(
-                self._model, path, format=format, dtype=dtype, info={"pma": info}, **options
+                self._model,
+                path,
+                format=format,
+                dtype=dtype,
+                info={"pma": info},
+                source=self.backend.source() if hasattr(self.backend, "source") else None,
+                group=self.process_group,
+                **options,
             )
 
     def _weights(self, method, weights, last) -> list[float]:

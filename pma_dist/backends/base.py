@@ -142,3 +142,7 @@ class Backend(Protocol):
     def end_write(self) -> None:
         """Propagate overwritten shards to whatever the forward pass reads (e.g. fp16 copies)."""
         ...
+
+    # Optional: ``source()`` returns a :class:`~pma_dist.backends.sources.TensorSource` for
+    # export (full tensors as the engine holds them in master precision); without it, export
+    # reads the model's state dict.

@@ -18,9 +18,10 @@ between minor versions, so only the tested range is accepted (:data:`SUPPORTED_V
 
 from __future__ import annotations
 
+import math
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from torch import nn
 from ..optimizers import optimizer_chain
 from .base import Fragment, Shard, canonical_name
 from .plain import buffer_shards
+from .sources import meta_state
 
 SUPPORTED_VERSIONS = ((0, 19), (0, 20))
 """DeepSpeed releases whose private layout this backend is tested against: [0.19, 0.20)."""
@@ -171,6 +173,10 @@ class DeepSpeedBackend:
                     )
             yield Shard(f"zero3.subgroup{sg}", flat, tuple(flat.shape), None, tuple(fragments))
 
+    def source(self) -> MasterSource:
+        """The engine's full fp32 masters (and buffers), for export."""
+        return MasterSource(self)
+
     def begin_write(self) -> None:
         pass
 
@@ -185,6 +191,75 @@ class DeepSpeedBackend:
         for sg in range(len(zo.fp16_groups)):
             zo._reassign_or_swap_out_partitioned_parameters(sg)
         zo.checkpoint_event_epilogue()
+
+
+class MasterSource:
+    """Full fp32 parameters put together from the master fragments every rank holds (one
+    all-reduce per tensor; each element lives on exactly one rank), under global names (MoE
+    experts numbered ``ep_rank * num_local_experts + local_id``), and the module's buffers."""
+
+    dcp_state = None
+
+    def __init__(self, backend: DeepSpeedBackend) -> None:
+        from .. import comm
+
+        self.module = backend._module
+        self.backend = backend
+        local = {}
+        for shard in self.backend.shards():
+            for f in shard.fragments if not shard.buffer else ():
+                local.setdefault(f.param, tuple(f.shape))
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for part in comm.gather_objects(local):
+            for name, shape in part.items():
+                self.shapes.setdefault(name, shape)
+        self.buffers = {
+            canonical_name(n): b
+            for n, b in self.module.state_dict().items()
+            if n not in _param_names(self.module)
+        }
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        out = {
+            n: torch.empty(s, dtype=torch.float32, device="meta") for n, s in self.shapes.items()
+        }
+        out.update(meta_state(self.buffers))
+        return out
+
+    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        import torch.distributed as dist
+
+        from .. import comm
+
+        shards = [s for s in self.backend.shards() if not s.buffer]
+        device = shards[0].local.device if shards else torch.device("cpu")
+        pieces: dict[str, list[tuple[torch.Tensor, Fragment]]] = {}
+        for shard in shards:
+            for f in shard.fragments:
+                pieces.setdefault(f.param, []).append((shard.local.view(-1), f))
+        group = comm.default_group()
+        with torch.no_grad():
+            for name in names:
+                if name in self.buffers:
+                    yield name, self.buffers[name].detach()
+                    continue
+                full = torch.zeros(math.prod(self.shapes[name]), dtype=torch.float32, device=device)
+                for flat, f in pieces.get(name, ()):
+                    full[f.start : f.start + f.numel] = flat[
+                        f.local_start : f.local_start + f.numel
+                    ]
+                if group is not None:
+                    full = full.to(comm.collective_device(group, full.device))
+                    dist.all_reduce(full, group=group)
+                yield name, full.view(self.shapes[name])
+
+
+def _param_names(module: nn.Module) -> set[str]:
+    return {n for n, _ in module.named_parameters(remove_duplicate=False)}
+
+
+def _param_names(module: nn.Module) -> set[str]:
+    return {n for n, _ in module.named_parameters(remove_duplicate=False)}
 
 
 def backend_for(model: nn.Module, optimizer, buffers: bool) -> DeepSpeedBackend | None:

@@ -108,6 +108,12 @@ class FSDP2Backend:
                 for n, p in self._parameters()
             ] + buffer_shards(self._model, self._buffers)
 
+    def source(self):
+        """The module's state dict as it lives, for export."""
+        from .sources import ModuleSource
+
+        return ModuleSource(self._model)
+
     def begin_write(self) -> None:
         """Free unsharded parameters so that the next forward all-gathers the written shards."""
         self._reshard()

@@ -57,6 +57,12 @@ class PlainBackend:
         params = [whole(n, p) for n, p in self._params]
         return params + buffer_shards(self._model, self._buffers)
 
+    def source(self):
+        """The module's state dict as it lives, for export."""
+        from .sources import ModuleSource
+
+        return ModuleSource(self._model)
+
     def begin_write(self) -> None:
         pass
 

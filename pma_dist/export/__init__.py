@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import comm
+from ..backends.sources import TensorSource
 from .atomic import ExportError, abort, check_target, commit, ensure_space, make_temp_dir
 from .hf import (
     HFPlan,
@@ -27,7 +29,7 @@ from .hf import (
     write_model_files,
 )
 from .manifest import MANIFEST
-from .sources import ModuleSource, model_source
+from .sources import model_source
 from .verify import verify_export
 
 __all__ = ["ExportError", "MANIFEST", "convert_to_hf", "export_model", "verify_export"]
@@ -50,8 +52,10 @@ def export_model(
     rename: Callable[[str], str | None] | Mapping[str, str] | None = None,
     info: dict | None = None,
     progress: bool = True,
+    source: TensorSource | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> Path:
-    """Write ``model``'s current weights to ``path`` atomically. Collective.
+    """Write ``model``'s current weights to ``path`` atomically. Collective over ``group``.
 
     ``format="hf"``: safetensors files (sharded with an index above ``max_shard_size``), plus
     ``config.json`` (with ``dtype``), generation config and tokenizer files for transformers
@@ -64,24 +68,27 @@ def export_model(
     ``rename`` maps the model's parameter names to those of the transformers architecture
     that ``config`` names (a dict, or a function returning None to leave a tensor out); with
     it a model that is not a transformers model (a DeepSpeed MoE, say) exports as one.
-    DeepSpeed engines export their fp32 masters, MoE experts under global ids.
+    ``source`` is where the tensors come from (a backend's ``source()``; default: the
+    model's engine's, so DeepSpeed engines export their fp32 masters, MoE experts under global
+    ids).
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: must be one of {', '.join(FORMATS)}")
     dtype = parse_dtype(dtype)
-    source = model_source(model)
-    rank, world = comm.rank(), comm.world_size()
+    source = source if source is not None else model_source(model)
+    rank, world = comm.rank(group), comm.world_size(group)
     if format == "dcp":
-        if not isinstance(source, ModuleSource):
+        if source.dcp_state is None:
             raise ExportError(
                 "format='dcp' writes DTensor or whole-tensor state; DeepSpeed partitions have "
                 "no DCP layout: export format='hf', or save the state with Merger.save"
             )
         return _atomic(
             Path(path),
-            lambda temp: _write_dcp(source.state, temp, dtype),
+            lambda temp: _write_dcp(source.dcp_state, temp, dtype),
             None,
             {"kind": "dcp", "dtype": _name(dtype), **(info or {})},
+            group,
         )
     meta, original_name = _renamed(source.meta(), rename)
     architecture = _architecture(source.module, config)
@@ -97,7 +104,7 @@ def export_model(
         write_index(temp, plan)
         write_model_files(temp, architecture, dtype, config, tokenizer, generation_config)
 
-    return _atomic(Path(path), body, seal, _hf_info(plan, dtype, info))
+    return _atomic(Path(path), body, seal, _hf_info(plan, dtype, info), group)
 
 
 def _renamed(
@@ -152,12 +159,19 @@ def stream_hf(
     return {"error": writer.error, "files": writer.finish()}
 
 
-def _atomic(target: Path, body: Body, seal: Callable[[Path], None] | None, info: dict) -> Path:
-    """Run ``body`` on every rank into a temporary directory, then ``seal`` and commit it on
-    rank 0. Any failure on any rank raises ``ExportError`` on every rank and removes the
-    temporary directory; an existing export at ``target`` is untouched until the commit."""
+def _atomic(
+    target: Path,
+    body: Body,
+    seal: Callable[[Path], None] | None,
+    info: dict,
+    group: dist.ProcessGroup | None = None,
+) -> Path:
+    """Run ``body`` on every rank of ``group`` into a temporary directory, then ``seal`` and
+    commit it on its first rank. Any failure on any rank raises ``ExportError`` on every rank
+    and removes the temporary directory; an existing export at ``target`` is untouched until
+    the commit."""
     target = target.absolute()
-    rank = comm.rank()
+    rank = comm.rank(group)
     temp, error = None, None
     if rank == 0:
         try:
@@ -165,12 +179,12 @@ def _atomic(target: Path, body: Body, seal: Callable[[Path], None] | None, info:
             temp = make_temp_dir(target)
         except (ExportError, OSError) as err:
             error = str(err)
-    temp_name, error = comm.broadcast_object((str(temp) if temp else None, error))
+    temp_name, error = comm.broadcast_object((str(temp) if temp else None, error), group=group)
     if error:
         raise ExportError(error)
     temp = Path(temp_name)
     try:
-        reports = comm.gather_objects(body(temp))
+        reports = comm.gather_objects(body(temp), group=group)
         errors = [r["error"] for r in reports if r.get("error")]
         if errors:
             raise ExportError(f"export to {target} failed: {errors[0]}")
@@ -183,7 +197,7 @@ def _atomic(target: Path, body: Body, seal: Callable[[Path], None] | None, info:
                 commit(temp, target, info, known)
             except (ExportError, OSError) as err:
                 error = f"export to {target} failed while sealing it: {err}"
-        error = comm.broadcast_object(error)
+        error = comm.broadcast_object(error, group=group)
         if error:
             raise ExportError(error)
     except BaseException:

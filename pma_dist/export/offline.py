@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
+from ..backends.sources import module_state
 from ..errors import PMAStateError
 from ..inspect_state import read_entries
 from ..state_format import StateHeader, unflatten
 from ..weights import resolve_weights
 from .atomic import ExportError
-from .sources import module_state, read_dcp_tensor
+from .sources import read_dcp_tensor
 
 
 def _load_config(config: Any):
