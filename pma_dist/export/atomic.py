@@ -6,6 +6,9 @@ the target. An existing export at the target is moved aside only then, and delet
 rename, so a crash at any point leaves either the old export or the new one under the target
 name (and, in the narrow window between the two renames, the old one beside it as
 ``.NAME.pma-old-*``). A directory without a manifest is never an export.
+
+:func:`commit_collectively` runs that protocol across ranks: every rank writes its part, the
+first rank seals and commits, and every rank learns the outcome.
 """
 
 from __future__ import annotations
@@ -14,9 +17,16 @@ import errno
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import torch.distributed as dist
+
+from .. import comm
 from .manifest import MANIFEST, write_manifest
+
+Body = Callable[[Path], dict]
+"""Writes one rank's part into the temporary directory; returns ``{"error": ..., "files": ...}``."""
 
 TEMP_MARK = ".pma-tmp-"
 OLD_MARK = ".pma-old-"
@@ -104,3 +114,51 @@ def abort(temp: Path | None) -> None:
     """Remove a temporary directory after a failed export."""
     if temp is not None:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def commit_collectively(
+    target: Path,
+    body: Body,
+    seal: Callable[[Path], None] | None,
+    info: dict,
+    group: dist.ProcessGroup | None = None,
+) -> Path:
+    """Run ``body`` on every rank of ``group`` into a temporary directory, then ``seal`` and
+    commit it on its first rank. Any failure on any rank raises ``ExportError`` on every rank
+    and removes the temporary directory; an existing export at ``target`` is untouched until
+    the commit."""
+    target = target.absolute()
+    rank = comm.rank(group)
+    temp, error = None, None
+    if rank == 0:
+        try:
+            check_target(target)
+            temp = make_temp_dir(target)
+        except (ExportError, OSError) as err:
+            error = str(err)
+    temp_name, error = comm.broadcast_object((str(temp) if temp else None, error), group=group)
+    if error:
+        raise ExportError(error)
+    temp = Path(temp_name)
+    try:
+        reports = comm.gather_objects(body(temp), group=group)
+        errors = [r["error"] for r in reports if r.get("error")]
+        if errors:
+            raise ExportError(f"export to {target} failed: {errors[0]}")
+        known = {name: entry for r in reports for name, entry in r.get("files", {}).items()}
+        error = None
+        if rank == 0:
+            try:
+                if seal is not None:
+                    seal(temp)
+                commit(temp, target, info, known)
+            except (ExportError, OSError) as err:
+                error = f"export to {target} failed while sealing it: {err}"
+        error = comm.broadcast_object(error, group=group)
+        if error:
+            raise ExportError(error)
+    except BaseException:
+        if rank == 0:
+            abort(temp)
+        raise
+    return target
