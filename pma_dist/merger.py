@@ -21,6 +21,9 @@ from .optimizers import unwrap_optimizer
 from .schedule import SnapshotSchedule
 from .state_format import StateHeader
 
+Weights = Sequence[float] | None
+"""One weight per held snapshot, oldest first (normalized), or None for a method's weights."""
+
 
 class Merger:
     """Keeps the pre-trained model average of this rank's shard, online and in place.
@@ -142,7 +145,7 @@ class Merger:
 
     @contextmanager
     def swapped(
-        self, method: str | None = None, weights: Sequence[float] | None = None, *, last=None
+        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
     ) -> Iterator[Merger]:
         """Put the merged weights into the live parameters for the body; restore them bitwise.
 
@@ -161,14 +164,18 @@ class Merger:
         finally:
             self._swap_active = False
 
-    def apply(self, method: str | None = None, weights=None, *, last=None) -> None:
+    def apply(
+        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
+    ) -> None:
         """Overwrite the live parameters (and averaged buffers) with the merge (PMA-init,
         recovery), as in :meth:`swapped`; the optimizer and averaging state are kept."""
         if self._swap_active:
             raise RuntimeError("Merger.apply() inside swapped(): leave the swap first")
         swap.apply_merge(self.backend, self._state, self._weights(method, weights, last))
 
-    def merged_shards(self, method=None, weights=None, *, last=None) -> dict[str, torch.Tensor]:
+    def merged_shards(
+        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """The merged local shards as new tensors in the accumulation dtype, keyed by name."""
         resolved = self._weights(method, weights, last)
         shards = [s.local for s in self.backend.shards()]
@@ -177,7 +184,15 @@ class Merger:
         return dict(zip(self.names, out))
 
     def export(
-        self, path, format="hf", method=None, dtype=None, *, weights=None, last=None, **options
+        self,
+        path: str | Path,
+        format: str = "hf",
+        method: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        weights: Weights = None,
+        last: int | None = None,
+        **options: Any,
     ) -> Path:
         """Write the merged model to ``path`` (``"hf"`` safetensors or ``"dcp"``). Collective.
 
@@ -205,7 +220,7 @@ class Merger:
                 **options,
             )
 
-    def _weights(self, method, weights, last) -> list[float]:
+    def _weights(self, method: str | None, weights: Weights, last: int | None) -> list[float]:
         if method is not None and weights is not None:
             raise ValueError("pass method= or weights=, not both")
         if self.num_snapshots == 0:
