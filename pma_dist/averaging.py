@@ -38,7 +38,13 @@ from .kernels import (
     weighted_sum_staged,
 )
 from .offload import SideStreamCopy, empty_slot, slot_device
-from .records import SlotRecord, next_slot
+from .records import (
+    SlotRecord,
+    merge_order,
+    next_slot,
+    records_from_lists,
+    records_to_lists,
+)
 from .weights import resolve_weights, running_weight
 
 
@@ -86,10 +92,7 @@ class AveragingState:
 
     def logical_slots(self) -> list[int]:
         """Indices of the valid filled slots, oldest snapshot first."""
-        return sorted(
-            (k for k, r in enumerate(self.records) if r is not None and r.valid),
-            key=lambda k: self.records[k].seq,
-        )
+        return merge_order(self.records)
 
     def merged_records(self) -> list[SlotRecord]:
         """The records of :meth:`logical_slots`, oldest first."""
@@ -111,15 +114,15 @@ class AveragingState:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters and slot records (the slot tensors are saved by the caller's format)."""
-        return {
-            "count": self.count,
-            "records": [r.to_list() if r is not None else None for r in self.records],
-        }
+        return {"count": self.count, "records": records_to_lists(self.records)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Counters and records from :meth:`state_dict`; checked before anything changes."""
-        records = [SlotRecord.from_list(r) if r is not None else None for r in state["records"]]
-        count = int(state["count"])
+        self.restore(int(state["count"]), records_from_lists(state["records"]))
+
+    def restore(self, count: int, records: Sequence[SlotRecord | None]) -> None:
+        """Set the counters and records that go with slots just loaded; checked first."""
+        records = list(records)
         if len(records) != len(self.slots) or count < 0:
             raise ValueError(
                 f"{len(records)} slot records and count {count} for a state of "

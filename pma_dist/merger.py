@@ -234,19 +234,18 @@ class Merger:
 
     def header(self) -> StateHeader:
         """What a save of this state holds beside the slots."""
-        counters = {"num_skipped": self.num_skipped, "skip_streak": self.skip_streak}
-        return StateHeader.describe(
-            self.config, self._state, self.names, self.global_shapes, self.buffer_names
-        ).with_counters(schedule=self.schedule.state_dict(), **counters)
+        tensors = (self.names, self.global_shapes, self.buffer_names)
+        counts = {"num_skipped": self.num_skipped, "skip_streak": self.skip_streak}
+        schedule = self.schedule.state_dict()
+        return StateHeader.describe(self.config, self._state, *tensors, schedule=schedule, **counts)
 
     def _restore(self, saved: StateHeader) -> None:
         """Counters from a checked header; buffers from live values if it saved none."""
-        records = [r.to_list() if r else None for r in saved.records]
-        self._state.load_state_dict({"count": saved.count, "records": records})
+        self._state.restore(saved.count, saved.records)
         self._guard.num_skipped, self._guard.streak = saved.num_skipped, saved.skip_streak
         self.schedule.load_state_dict(saved.schedule)
         if saved.format == 1:
-            persistence.buffers_from_live(self.backend, self._state, self.buffer_names)
+            persistence.buffers_from_live(self.backend, self._state)
 
     def state_dict(self) -> dict[str, Any]:
         """The averaging state (format 2, :mod:`pma_dist.state_format`) for DCP: slots laid out

@@ -135,7 +135,7 @@ def plan_files(directory: Path, backend: Backend, ours: StateHeader) -> FileLoad
     return FileLoad(files, plan_copies(files, shards, skip=skip), header)
 
 
-def buffers_from_live(backend: Backend, state: AveragingState, names: list[str]) -> None:
+def buffers_from_live(backend: Backend, state: AveragingState) -> None:
     """Fill the buffers of every filled slot with the live buffers, for a state saved without
     them (format 1), and say so."""
     buffers = [(i, s) for i, s in enumerate(backend.shards()) if s.buffer]

@@ -29,6 +29,22 @@ class SlotRecord:
         return cls(int(seq), int(step), int(tokens), bool(valid))
 
 
+def records_to_lists(records: Sequence[SlotRecord | None]) -> list[list | None]:
+    """Records in the plain form saved states hold."""
+    return [r.to_list() if r is not None else None for r in records]
+
+
+def records_from_lists(values: Sequence[Sequence[Any] | None]) -> list[SlotRecord | None]:
+    """Records from :func:`records_to_lists` output."""
+    return [SlotRecord.from_list(v) if v is not None else None for v in values]
+
+
+def merge_order(records: Sequence[SlotRecord | None]) -> list[int]:
+    """Physical slots of the valid records, oldest snapshot first: the order merges read."""
+    valid = [k for k, r in enumerate(records) if r is not None and r.valid]
+    return sorted(valid, key=lambda k: records[k].seq)
+
+
 def next_slot(records: Sequence[SlotRecord | None]) -> int:
     """Where the next snapshot goes: an empty or dropped slot, else the oldest one."""
     for k, record in enumerate(records):

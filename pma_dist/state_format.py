@@ -4,7 +4,7 @@ tensors, in one place for the Merger, the per-rank files, offline export and ``i
 Format 2, the one written: ``meta`` (``format``, ``mode``, ``window``, ``running_method``,
 ``config``, the averaged tensors' ``names`` and ``shapes``, parameters then buffers, and which of
 them are ``buffers``), then ``count`` (snapshots taken), ``records`` (per physical slot
-``[seq, step, tokens, valid]`` or None, see :class:`~pma_dist.averaging.SlotRecord`),
+``[seq, step, tokens, valid]`` or None, see :class:`~pma_dist.records.SlotRecord`),
 ``num_skipped``, ``skip_streak`` (non-finite snapshots in a row) and ``schedule``; and, derived
 from the records for readers that know format 1 only, ``head`` (where the next snapshot goes)
 and ``history`` (``[step, tokens]`` of the merged snapshots, oldest first).
@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PMAStateError
-from .records import SlotRecord, next_slot, ring_order
+from .records import (
+    SlotRecord,
+    merge_order,
+    next_slot,
+    records_from_lists,
+    records_to_lists,
+    ring_order,
+)
 
 FORMAT_VERSION = 2
 """The layout written."""
@@ -71,9 +78,10 @@ class StateHeader:
     """The layout version it was read from (written: always :data:`FORMAT_VERSION`)."""
 
     @classmethod
-    def describe(cls, config, state, names, shapes, buffers) -> StateHeader:
+    def describe(cls, config, state, names, shapes, buffers, **counters: Any) -> StateHeader:
         """The header of an averaging ``state`` kept under ``config`` (a PMAConfig) for the
-        tensors ``names`` (``buffers`` among them) of global ``shapes``."""
+        tensors ``names`` (``buffers`` among them) of global ``shapes``; ``counters`` are
+        ``num_skipped``, ``skip_streak`` and ``schedule``."""
         return cls(
             mode=state.mode,
             window=config.window,
@@ -84,13 +92,8 @@ class StateHeader:
             buffers=list(buffers),
             count=state.count,
             records=list(state.records),
+            **counters,
         )
-
-    def with_counters(self, **counters: Any) -> StateHeader:
-        """This header with ``num_skipped``, ``skip_streak`` or ``schedule`` set."""
-        for key, value in counters.items():
-            setattr(self, key, value)
-        return self
 
     @property
     def num_slots(self) -> int:
@@ -98,8 +101,7 @@ class StateHeader:
 
     def merge_order(self) -> list[int]:
         """Physical slots of the valid records, oldest snapshot first."""
-        valid = [k for k, r in enumerate(self.records) if r is not None and r.valid]
-        return sorted(valid, key=lambda k: self.records[k].seq)
+        return merge_order(self.records)
 
     def to_flat(self) -> dict[str, Any]:
         """The nested dict that ``Merger.state_dict`` and the per-rank files hold."""
@@ -117,7 +119,7 @@ class StateHeader:
         return {
             "meta": meta,
             "count": self.count,
-            "records": [r.to_list() if r is not None else None for r in self.records],
+            "records": records_to_lists(self.records),
             "num_skipped": self.num_skipped,
             "skip_streak": self.skip_streak,
             "schedule": dict(self.schedule),
@@ -147,9 +149,7 @@ class StateHeader:
             if version == 1:
                 header.records = _records_v1(flat, header.num_slots)
             else:
-                header.records = [
-                    SlotRecord.from_list(r) if r is not None else None for r in flat["records"]
-                ]
+                header.records = records_from_lists(flat["records"])
                 header.skip_streak = int(flat["skip_streak"])
         except PMAStateError:
             raise

@@ -213,10 +213,9 @@ class MasterSource:
         for part in comm.gather_objects(local):
             for name, shape in part.items():
                 self.shapes.setdefault(name, shape)
+        params = _param_names(self.module)
         self.buffers = {
-            canonical_name(n): b
-            for n, b in self.module.state_dict().items()
-            if n not in _param_names(self.module)
+            canonical_name(n): b for n, b in self.module.state_dict().items() if n not in params
         }
 
     def meta(self) -> dict[str, torch.Tensor]:
@@ -252,10 +251,6 @@ class MasterSource:
                     full = full.to(comm.collective_device(group, full.device))
                     dist.all_reduce(full, group=group)
                 yield name, full.view(self.shapes[name])
-
-
-def _param_names(module: nn.Module) -> set[str]:
-    return {n for n, _ in module.named_parameters(remove_duplicate=False)}
 
 
 def _param_names(module: nn.Module) -> set[str]:
