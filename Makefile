@@ -55,12 +55,13 @@ quickstart: $(DEMO)
 	NPROC=$(NPROC) PYTHON=$(PY) bash launch/run_quickstart.sh
 
 bench: $(DEV)
-	$(PY) benchmarks/snapshot_bandwidth.py --out bench_results/snapshot.json
-	$(PY) benchmarks/online_vs_offline.py --out bench_results/offline.json
-	$(PY) benchmarks/memory_per_rank.py --out bench_results/memory.json
-	$(PY) benchmarks/training_overhead.py --out bench_results/training.json
-	$(PY) benchmarks/export_throughput.py --out bench_results/export.json
-	DS_ACCELERATOR=cpu $(PY) benchmarks/deepspeed_overhead.py --out bench_results/deepspeed.json
+	$(PY) -m benchmarks.snapshot_bandwidth --out bench_results/snapshot.json
+	$(PY) -m benchmarks.online_vs_offline --out bench_results/offline.json
+	$(PY) -m benchmarks.memory_per_rank --out bench_results/memory.json
+	$(PY) -m benchmarks.training_overhead --out bench_results/training.json
+	$(PY) -m benchmarks.export_throughput --out bench_results/export.json
+	$(PY) -m benchmarks.scale_plan --out bench_results/scale_plan.json
+	DS_ACCELERATOR=cpu $(PY) -m benchmarks.deepspeed_overhead --out bench_results/deepspeed.json
 
 clean:
 	rm -rf $(VENV) bench_results runs .pytest_cache .ruff_cache

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import torch
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+"""The root the benchmarks run from (``python -m benchmarks.<name>``)."""
+
 
 def synchronize(device: torch.device) -> None:
     if device.type != "cpu":
@@ -62,26 +65,29 @@ def write_json(path: str | None, payload: dict) -> None:
         Path(path).write_text(json.dumps(payload, indent=2))
 
 
-def torchrun_json(script: str, nproc: int, args: list[str], cwd: str | None = None) -> dict:
-    """Run ``script --worker ARGS`` on ``nproc`` local ranks with torchrun and return the JSON
-    object rank 0 printed last; exit with the ranks' stderr if they failed."""
+def torchrun_json(module: str, nproc: int, args: list[str]) -> dict:
+    """Run ``python -m module --worker ARGS`` on ``nproc`` local ranks with torchrun, from the
+    repository root, and return the JSON object rank 0 printed last; exit with the ranks'
+    stderr if they failed."""
     import os
     import subprocess
     import sys
 
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", script, "--worker", *args,
+        f"--nproc-per-node={nproc}", "-m", module, "--worker", *args,
     ]  # fmt: skip
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
     }
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False, cwd=cwd)
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, check=False, cwd=REPOSITORY
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
-        sys.exit(f"{script} on {nproc} ranks failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"{module} on {nproc} ranks failed:\n{done.stderr[-3000:]}")
     return json.loads(lines[-1])
 
 

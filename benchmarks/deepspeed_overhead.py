@@ -1,6 +1,6 @@
 """PMA under DeepSpeed ZeRO-2 and ZeRO-3 on this machine's ranks, side by side in one run.
 
-    python benchmarks/deepspeed_overhead.py [--nproc 2] [--params-millions 20]
+    python -m benchmarks.deepspeed_overhead [--nproc 2] [--params-millions 20]
 
 Per stage: (1) one snapshot of the fp32 master partition (window mode, with and without the
 non-finite check) against ``_foreach_copy_`` of the same partition bytes; (2) training-step
@@ -14,12 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_figures, torchrun_json  # noqa: E402
+from benchmarks.common import save_figures, torchrun_json
 
 
 def _model(millions: float, width: int = 1024):
@@ -73,7 +70,8 @@ def worker(args) -> None:
 
     import torch
     import torch.distributed as dist
-    from common import interleaved_medians, paired_overhead, record_merger_steps
+
+    from benchmarks.common import interleaved_medians, paired_overhead, record_merger_steps
 
     dist.init_process_group("gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -147,7 +145,7 @@ def main() -> None:
         f"--repeats={args.repeats}",
         f"--steps={args.steps}",
     ]
-    result = torchrun_json(__file__, args.nproc, worker_args)
+    result = torchrun_json("benchmarks.deepspeed_overhead", args.nproc, worker_args)
     print(
         "| ZeRO | partition MB/rank | window BW vs copy | + check | step ms off | step ms on "
         "| overhead | time in PMA | snapshot / 100 steps |"

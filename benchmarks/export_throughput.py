@@ -1,7 +1,7 @@
 """HF export throughput against a plain sequential write of the same bytes, and the extra peak
 memory of an export as the model grows, measured side by side on the same disk.
 
-    python benchmarks/export_throughput.py [--sizes 50,100,200] [--dir /path/on/target/disk]
+    python -m benchmarks.export_throughput [--sizes 50,100,200] [--dir /path/on/target/disk]
 
 Each size runs in a fresh process, so that its peak RSS (``ru_maxrss``) belongs to it alone:
 the extra peak of the export over the model itself must stay flat as the model grows (it is
@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+from benchmarks.common import machine, write_json
 
 TENSOR_NUMEL = 16 * 1024 * 1024
 
@@ -94,7 +93,8 @@ def main() -> None:
         done = subprocess.run(
             [
                 sys.executable,
-                __file__,
+                "-m",
+                "benchmarks.export_throughput",
                 "--child",
                 str(size),
                 "--dir",

@@ -1,7 +1,7 @@
 """Averaging-state memory per rank against world size under FSDP2, and against a full-model
 copy per rank (what ``torch.optim.swa_utils.AveragedModel`` keeps), side by side in one run.
 
-    python benchmarks/memory_per_rank.py [--params-millions 16] [--sizes 1,2,4]
+    python -m benchmarks.memory_per_rank [--params-millions 16] [--sizes 1,2,4]
 
 For each world size it starts that many CPU ranks, shards the same model with FSDP2 and reads
 the resident memory (RSS) each rank gains when an AveragedModel of the unsharded model, then a
@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_figures, torchrun_json  # noqa: E402
+from benchmarks.common import save_figures, torchrun_json
 
 MB = 2**20
 
@@ -100,7 +97,7 @@ def main() -> None:
     table = []
     for world in (int(s) for s in args.sizes.split(",")):
         args_ = [f"--params-millions={args.params_millions}"]
-        ranks = torchrun_json(__file__, world, args_)["rows"]
+        ranks = torchrun_json("benchmarks.memory_per_rank", world, args_)["rows"]
         worst = {k: max(r[k] for r in ranks) for k in ranks[0] if k.endswith("MB")}
         first = {k: ranks[0][k] for k in ("params", "measure")}
         table.append({"world_size": world, **first, **worst})

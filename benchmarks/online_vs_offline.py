@@ -2,7 +2,7 @@
 same disk, one run. "online" includes the non-finite check; "unchecked" is
 ``on_nonfinite="ignore"``, which like the offline tools checks nothing.
 
-    python benchmarks/online_vs_offline.py [--params-millions 50] [--window 10]
+    python -m benchmarks.online_vs_offline [--params-millions 50] [--window 10]
 
 Offline, as fairseq's average_checkpoints or mergekit's linear merge do it: N full checkpoints
 written during training (safetensors, or DCP), then read back and averaged. Online: N snapshots
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,10 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
-
-from pma_dist import Merger, PMAConfig  # noqa: E402
+from benchmarks.common import machine, write_json
+from pma_dist import Merger, PMAConfig
 
 TENSOR = 4 * 1024 * 1024
 

@@ -1,11 +1,11 @@
 """Training-step time of the reference program with PMA on against off, FSDP2, in one run.
 
-    python benchmarks/training_overhead.py [--nproc 2] [--steps 400]
+    python -m benchmarks.training_overhead [--nproc 2] [--steps 400]
 
 The demo model (configs/demo_dense.yaml) with PMA at the paper's cadence scaled down (a
 snapshot every 100 steps, window 10). Steps alternate on and off on the same model ("off" skips
 ``merger.step``, so PMA counts only the "on" steps and snapshots every 100 of them), which
-cancels the machine's drift (:func:`common.paired_overhead`). Also timed: every
+cancels the machine's drift (:func:`benchmarks.common.paired_overhead`). Also timed: every
 ``merger.step`` call inside training ("time in PMA"; on CPU the snapshot is synchronous, so
 this is PMA's share of the training time), and one snapshot directly, spread over 100 steps.
 """
@@ -16,29 +16,31 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "launch"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import paired_overhead, record_merger_steps, save_figures, torchrun_json  # noqa: E402
+from benchmarks.common import (
+    REPOSITORY,
+    paired_overhead,
+    record_merger_steps,
+    save_figures,
+    torchrun_json,
+)
 
 
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
-    from pretrain.config import RunConfig
-    from pretrain.data import TrainBatches, load_corpus
-    from pretrain.trainer import Trainer
+
+    from launch.pretrain.config import RunConfig
+    from launch.pretrain.data import TrainBatches, load_corpus
+    from launch.pretrain.trainer import Trainer
 
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    cfg = RunConfig.from_yaml(ROOT / "configs" / "demo_dense.yaml")
+    cfg = RunConfig.from_yaml(REPOSITORY / "configs" / "demo_dense.yaml")
     cfg.pma = {"method": "wma", "window": 10, "interval_steps": 100}
     train, _ = load_corpus(None, 4_000_000)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -88,7 +90,7 @@ def worker(args) -> None:
 
 
 def _sync(device) -> None:
-    from common import synchronize
+    from benchmarks.common import synchronize
 
     synchronize(device)
 
@@ -102,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    r = torchrun_json(__file__, args.nproc, [f"--steps={args.steps}"], cwd=str(ROOT))
+    r = torchrun_json("benchmarks.training_overhead", args.nproc, [f"--steps={args.steps}"])
     print(
         "| ranks | step ms off | step ms on | overhead | time in PMA | snapshot ms "
         "| snapshot / 100 steps |"

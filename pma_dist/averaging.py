@@ -31,6 +31,8 @@ from .config import PMAConfig
 from .kernels import (
     Runs,
     Tensors,
+    all_finite,
+    copy_checked,
     device_groups,
     lerp_staged,
     real_views,
@@ -73,7 +75,9 @@ class AveragingState:
         self.records: list[SlotRecord | None] = [None] * num_slots
         """Per physical slot, the snapshot it holds (None while empty)."""
         self.count = 0
-        """Snapshots folded in so far."""
+        """Snapshots folded in so far (less any found non-finite afterwards)."""
+        self.next_seq = 0
+        """The ``seq`` of the next snapshot: more than any record's."""
         self._groups = device_groups(like)
         self._real_groups = device_groups(self.real(like))
         self._side_copies = {
@@ -82,11 +86,16 @@ class AveragingState:
             if t.device.type != "cpu" and slot_device(t.device, offload).type == "cpu"
         }
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the slots take (padding included)."""
+        return sum(t.numel() * t.element_size() for slot in self.slots for t in slot)
+
     def real(self, tensors: Tensors) -> list[torch.Tensor]:
         """The real (unpadded) elements of ``tensors`` (shaped like the shard) as views."""
         return real_views(tensors, self.runs)
 
-    def snapshot(self, tensors: Tensors, step: int = 0, tokens: int = 0) -> None:
+    def snapshot(self, tensors: Tensors, step: int = 0, tokens: int = 0) -> torch.Tensor | None:
         """Fold ``tensors`` (shaped like the shard), taken at ``step``/``tokens``, in."""
         raise NotImplementedError
 
@@ -129,6 +138,8 @@ class AveragingState:
                 f"{len(self.slots)} slots"
             )
         self.records, self.count = records, count
+        seqs = [r.seq for r in records if r is not None]
+        self.next_seq = max(seqs) + 1 if seqs else count
 
     def merge_into(self, out: Tensors, weights: Sequence[float]) -> None:
         """Write the weighted sum of the valid slots (oldest first) into ``out``.
@@ -182,16 +193,30 @@ class AveragingState:
                 f"(first got {shapes[:3]}, expected {self.shapes[:3]})"
             )
 
-    def _copy_into(self, slot: list[torch.Tensor], tensors: Tensors) -> None:
+    def _copy_into(
+        self, slot: list[torch.Tensor], tensors: Tensors, check: bool = False
+    ) -> torch.Tensor | None:
+        """Copy the real elements of ``tensors`` into ``slot``; with ``check``, also return a
+        0-dim flag (on the shard's device, no host sync): 1.0 when all of them are finite."""
         slot, tensors = self.real(slot), self.real(tensors)
+        flags = []
         for group in self._real_groups:
             dst = [slot[i] for i in group]
             src = [tensors[i] for i in group]
             side = self._side_copies.get(src[0].device)
             if side is not None:
+                if check:
+                    flags.append(all_finite(src))
                 side.copy(dst, src)
+            elif check:
+                flags.append(copy_checked(dst, src))
             else:
                 torch._foreach_copy_(dst, src)
+        if not check:
+            return None
+        if not flags:
+            return torch.ones(())
+        return torch.stack([f.to(flags[0].device, non_blocking=True) for f in flags]).min()
 
 
 class WindowAverage(AveragingState):
@@ -203,13 +228,29 @@ class WindowAverage(AveragingState):
         super().__init__(like, window, **kwargs)
         self.window = window
 
-    def snapshot(self, tensors: Tensors, step: int = 0, tokens: int = 0) -> None:
+    def snapshot(
+        self, tensors: Tensors, step: int = 0, tokens: int = 0, check: bool = False
+    ) -> torch.Tensor | None:
+        """Copy ``tensors`` into the next slot; with ``check``, return this rank's verdict on
+        it as a 0-dim flag left on the device (see :meth:`reject` for a slot found bad)."""
         self._check(tensors)
         self.wait_host()
         slot = self.next_slot()
-        self._copy_into(self.slots[slot], tensors)
-        self.records[slot] = SlotRecord(self.count, step, tokens)
+        finite = self._copy_into(self.slots[slot], tensors, check)
+        self.records[slot] = SlotRecord(self.next_seq, step, tokens)
+        self.next_seq += 1
         self.count += 1
+        return finite
+
+    def reject(self, seq: int) -> int | None:
+        """Leave snapshot ``seq`` out of every merge and of the count (found non-finite after
+        it was written); its slot is reused first. That slot, or None if none holds it."""
+        for k, record in enumerate(self.records):
+            if record is not None and record.seq == seq and record.valid:
+                self.drop([k])
+                self.count -= 1
+                return k
+        return None
 
     def drop(self, slots: Sequence[int]) -> None:
         """Leave ``slots`` out of every later merge; later snapshots reuse them first."""
@@ -270,7 +311,8 @@ class RunningAverage(AveragingState):
                 if src[0].dtype != self.dtype:
                     src = [t.to(self.dtype) for t in src]
                 torch._foreach_lerp_(dst, src, weight)
-        self.records[0] = SlotRecord(self.count, step, tokens)
+        self.records[0] = SlotRecord(self.next_seq, step, tokens)
+        self.next_seq += 1
         self.count += 1
 
 

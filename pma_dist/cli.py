@@ -67,6 +67,31 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .plan import describe, plan
+
+    window = None if args.window == "running" else int(args.window)
+    result = plan(
+        args.model,
+        args.world,
+        replicas=args.replicas,
+        rank=args.rank,
+        window=window,
+        offload=args.offload,
+    )
+    print(json.dumps(asdict(result), indent=2) if args.json else describe(result))
+    return 0
+
+
+def _window(value: str) -> str:
+    if value != "running" and not (value.isdigit() and int(value) > 0):
+        raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or 'running'")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pma-dist", description=__doc__)
     parser.add_argument("--version", action="version", version=f"pma-dist {__version__}")
@@ -98,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("path", help="export directory")
     verify.add_argument("--quick", action="store_true", help="headers only, do not read tensors")
     verify.set_defaults(run=_verify)
+    planner = commands.add_parser(
+        "plan", help="per-rank state, snapshot, resume and export cost at a given scale"
+    )
+    planner.add_argument(
+        "--model", required=True, help="llama3-70b, llama3-405b, mixtral-8x22b, deepseek-v3 or "
+        "a config.json"
+    )  # fmt: skip
+    planner.add_argument("--world", type=int, required=True, help="ranks in the job")
+    planner.add_argument("--replicas", type=int, default=1, help="HSDP replica groups")
+    planner.add_argument("--rank", type=int, default=0, help="the rank to simulate")
+    planner.add_argument("--window", type=_window, default="10", help="N, or 'running'")
+    planner.add_argument("--offload", choices=["none", "cpu"], default="none")
+    planner.add_argument("--json", action="store_true", help="print the figures as JSON")
+    planner.set_defaults(run=_plan)
     return parser
 
 
@@ -105,7 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (PMAConfigError, FileNotFoundError, KeyError, ExportError, ValueError) as err:
+    except (
+        PMAConfigError, FileNotFoundError, KeyError, ExportError, ValueError, RuntimeError
+    ) as err:  # fmt: skip
         print(f"pma-dist {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -43,12 +43,19 @@ def collective_device(group: dist.ProcessGroup, hint: torch.device) -> torch.dev
 def all_true(flag: bool | torch.Tensor, group: dist.ProcessGroup | None = None) -> bool:
     """True when ``flag`` (a bool, or a 0-dim tensor left where it was computed) is true on
     every rank: one scalar all-reduce."""
-    group = group if group is not None else default_group()
     value = flag if isinstance(flag, torch.Tensor) else torch.tensor(float(flag))
+    return all_true_each(value.reshape(1), group)[0]
+
+
+def all_true_each(flags: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[bool]:
+    """Per element of the 1-D ``flags`` (left where they were computed), whether it is nonzero
+    on every rank: one all-reduce and one host sync for all of them."""
+    group = group if group is not None else default_group()
+    value = flags.float()
     if group is not None:
-        value = value.float().to(collective_device(group, value.device))
+        value = value.to(collective_device(group, value.device))
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]
 
 
 def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:

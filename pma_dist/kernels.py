@@ -4,7 +4,7 @@ chunked staging when slots live in host memory for device tensors."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -13,7 +13,9 @@ from .offload import chunks
 Tensors = Sequence[torch.Tensor]
 Runs = tuple[tuple[int, int], ...] | None
 CPU_BLOCK_NUMEL = 1 << 20
-"""Elements per block of a CPU merge (4 MiB of fp32: the accumulator stays in cache)."""
+"""Elements per block of a CPU merge or checked copy (4 MiB of fp32: the block stays in cache)."""
+DEVICE_BATCH_BYTES = 16 << 20
+"""Bytes per batch of a checked copy on an accelerator (a fraction of a data-center GPU's L2)."""
 
 
 def all_finite(tensors: Tensors) -> torch.Tensor:
@@ -36,6 +38,49 @@ def all_finite(tensors: Tensors) -> torch.Tensor:
     device = tensors[0].device
     total = torch.stack([s.to(device) for s in sums]).sum()
     return torch.isfinite(total).float()
+
+
+def copy_checked(dst: Tensors, src: Tensors) -> torch.Tensor:
+    """``dst[i].copy_(src[i])`` for tensors on one device, and a 0-dim float flag on that device:
+    1.0 when every copied element is finite. No host sync.
+
+    One pass over memory: the copy runs in blocks (views) and each block is summed right after
+    it is written, while it is still in cache (see :func:`all_finite` for why a sum decides).
+    """
+    sums: list[torch.Tensor] = []
+    if dst and dst[0].device.type == "cpu":
+        for out, live in zip(dst, src):
+            flat_out, flat_live = out.view(-1), live.view(-1)
+            for part in chunks(out.numel(), CPU_BLOCK_NUMEL):
+                block = flat_out[part]
+                block.copy_(flat_live[part])
+                sums.append(block.sum(dtype=torch.float32))
+    else:
+        for outs, lives in _batches(dst, src, DEVICE_BATCH_BYTES):
+            torch._foreach_copy_(outs, lives)
+            sums.extend(torch._foreach_norm(outs, 1, dtype=torch.float32))
+    if not sums:
+        return torch.ones((), device=dst[0].device if dst else "cpu")
+    return torch.isfinite(torch.stack(sums).sum()).float()
+
+
+def _batches(dst: Tensors, src: Tensors, max_bytes: int) -> Iterator[tuple[list, list]]:
+    """Pairs of flat views of ``dst``/``src`` in batches of about ``max_bytes`` of ``dst``."""
+    outs: list[torch.Tensor] = []
+    lives: list[torch.Tensor] = []
+    size = 0
+    for out, live in zip(dst, src):
+        step = max(1, max_bytes // out.element_size())
+        flat_out, flat_live = out.view(-1), live.view(-1)
+        for part in chunks(out.numel(), step):
+            outs.append(flat_out[part])
+            lives.append(flat_live[part])
+            size += outs[-1].numel() * out.element_size()
+            if size >= max_bytes:
+                yield outs, lives
+                outs, lives, size = [], [], 0
+    if outs:
+        yield outs, lives
 
 
 def device_groups(tensors: Tensors) -> list[list[int]]:

@@ -1,38 +1,35 @@
-"""The public object: a thin facade over a schedule, an averaging state, a backend, the
-non-finite policy, the swap protocol, persistence and the replica audit."""
+"""The public object: a thin facade over a schedule, an averaging state, a backend and the
+non-finite policy. Merges are read out by :mod:`pma_dist.readouts` and the state is
+checkpointed by :mod:`pma_dist.checkpointing`, both mixed into :class:`Merger`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import audit, persistence, swap
 from .averaging import WindowAverage, state_for
 from .backends import Backend, select_backend
+from .checkpointing import Checkpointing
 from .config import PMAConfig
 from .nonfinite import NonFiniteGuard
 from .optimizers import unwrap_optimizer
+from .readouts import Readouts
 from .schedule import SnapshotSchedule
-from .state_format import StateHeader
-
-Weights = Sequence[float] | None
-"""One weight per held snapshot, oldest first (normalized), or None for a method's weights."""
 
 
-class Merger:
+class Merger(Readouts, Checkpointing):
     """Keeps the pre-trained model average of this rank's shard, online and in place.
 
     Call :meth:`step` after every optimizer step; it is a few integer operations unless a
-    snapshot is due. A snapshot copies (window mode) or lerps (running mode) the local shard
-    into fp32 slots with fused multi-tensor ops, with no communication beyond one scalar
-    all-reduce that makes every rank agree on skipping a non-finite snapshot. Persistent
-    floating buffers are averaged with the parameters (``pma.average_buffers``).
+    snapshot is due. A window snapshot copies the local shard into an fp32 slot in one pass
+    over memory that also judges it finite, with no collective and no host sync; ranks agree
+    on those verdicts when the slots are read and once a window (:meth:`agree`). A running
+    snapshot is one lerp after a scalar all-reduce (a NaN folded in could not be taken out).
+    Persistent floating buffers are averaged with the parameters (``pma.average_buffers``).
 
     The object is a DCP ``Stateful``: pass it in the state dict given to
     ``torch.distributed.checkpoint.save``/``load`` beside the model and optimizer. It installs
@@ -78,18 +75,24 @@ class Merger:
 
     @property
     def num_snapshots(self) -> int:
-        """Snapshots folded into the average so far (skipped ones not counted)."""
+        """Snapshots folded into the average so far (those found non-finite not counted)."""
         return self._state.count
 
     @property
     def num_skipped(self) -> int:
-        """Snapshots left out because some rank's shard held NaN/Inf."""
+        """Snapshots left out because some rank's shard held NaN/Inf, as of the last
+        :meth:`agree` in window mode."""
         return self._guard.num_skipped
 
     @property
     def skip_streak(self) -> int:
         """Non-finite snapshots in a row (reset by a good one); see ``max_consecutive_skips``."""
         return self._guard.streak
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of averaging state this rank holds (every slot, padding included)."""
+        return self._state.nbytes
 
     @property
     def window_size(self) -> int:
@@ -121,19 +124,32 @@ class Merger:
         self._pending_tokens = (self._pending_tokens or 0) + tokens
 
     def snapshot(self) -> bool:
-        """Take a snapshot now, whatever the schedule. Collective. False if it was skipped."""
+        """Take a snapshot now, whatever the schedule. False if it was skipped (running mode,
+        non-finite); in window mode a non-finite one is left out at the next :meth:`agree`.
+        Collective in running mode, and in window mode once a window."""
         if self._swap_active:
             raise RuntimeError("Merger.snapshot() inside swapped(): the live weights are merged")
         shards = [s.local for s in self.backend.shards()]
         steps, tokens = self.schedule.steps_seen, self.schedule.tokens_seen
-        if not self._guard.admit(
-            self._state.real(shards), self.backend, f"step {steps}, {tokens} tokens"
-        ):
+        if isinstance(self._state, WindowAverage):
+            seq = self._state.next_seq
+            finite = self._state.snapshot(shards, steps, tokens, check=self._guard.checking)
+            self._guard.hold(seq, finite)
+            if len(self._guard.pending) >= self._state.window:
+                self.agree()
+        elif self._guard.admit(self._state.real(shards), self.backend, f"step {steps}"):
+            self._state.snapshot(shards, steps, tokens)
+        else:
             return False
-        self._state.snapshot(shards, steps, tokens)
         if not self._step_hooked:
             self._state.wait_host()
         return True
+
+    def agree(self) -> None:
+        """Make every rank agree on which window snapshots since the last agreement were finite
+        everywhere; leave out the others (raising per ``on_nonfinite``/``max_consecutive_skips``).
+        Merges, swaps, exports and saves call it first. Collective when snapshots are pending."""
+        self._guard.agree(self._state, self.backend)
 
     def drop_snapshots(self, since_step: int) -> list[tuple[int, int]]:
         """Leave every snapshot taken at ``since_step`` or later out of all later merges (a
@@ -142,145 +158,6 @@ class Merger:
         if not isinstance(self._state, WindowAverage):
             raise ValueError("drop_snapshots needs window mode (pma.window = N)")
         return [(r.step, r.tokens) for r in self._state.drop_since(since_step)]
-
-    @contextmanager
-    def swapped(
-        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
-    ) -> Iterator[Merger]:
-        """Put the merged weights into the live parameters for the body; restore them bitwise.
-
-        ``method`` picks a weighting in window mode (``"sma"``, ``"wma"``, ``"ema"``);
-        ``weights`` gives one weight per snapshot held, oldest first (normalized); ``last=k``
-        merges the newest k only. Enter it on every rank: under DeepSpeed pushing the master
-        to the working weights is collective, and an FSDP2 forward inside the body is too.
-        """
-        if self._swap_active:
-            raise RuntimeError("Merger.swapped() is already active; swaps do not nest")
-        resolved = self._weights(method, weights, last)
-        self._swap_active = True
-        try:
-            with swap.swapped_in(self.backend, self._state, resolved, self.config.offload):
-                yield self
-        finally:
-            self._swap_active = False
-
-    def apply(
-        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
-    ) -> None:
-        """Overwrite the live parameters (and averaged buffers) with the merge (PMA-init,
-        recovery), as in :meth:`swapped`; the optimizer and averaging state are kept."""
-        if self._swap_active:
-            raise RuntimeError("Merger.apply() inside swapped(): leave the swap first")
-        swap.apply_merge(self.backend, self._state, self._weights(method, weights, last))
-
-    def merged_shards(
-        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
-    ) -> dict[str, torch.Tensor]:
-        """The merged local shards as new tensors in the accumulation dtype, keyed by name."""
-        resolved = self._weights(method, weights, last)
-        shards = [s.local for s in self.backend.shards()]
-        out = [torch.empty(t.shape, dtype=self._state.dtype, device=t.device) for t in shards]
-        self._state.merge_into(out, resolved)
-        return dict(zip(self.names, out))
-
-    def export(
-        self,
-        path: str | Path,
-        format: str = "hf",
-        method: str | None = None,
-        dtype: torch.dtype | str | None = None,
-        *,
-        weights: Weights = None,
-        last: int | None = None,
-        **options: Any,
-    ) -> Path:
-        """Write the merged model to ``path`` (``"hf"`` safetensors or ``"dcp"``). Collective.
-
-        Streams one tensor at a time and replaces ``path`` only once the new export is whole;
-        see :func:`pma_dist.export.export_model` for ``options`` (config, tokenizer,
-        max_shard_size, ...). The live weights are restored bitwise afterwards.
-        """
-        from .export import export_model
-
-        merged = self.history[-last:] if last else self.history
-        info = {
-            "method": "weights" if weights is not None else method or self.config.method,
-            **{"mode": self._state.mode, "num_snapshots": self.num_snapshots},
-            **{"window_size": len(merged), "history": [list(h) for h in merged]},
-        }
-        with self.swapped(method, weights, last=last):
-            return export_model(
-                self._model,
-                path,
-                format=format,
-                dtype=dtype,
-                info={"pma": info},
-                source=self.backend.source() if hasattr(self.backend, "source") else None,
-                group=self.process_group,
-                **options,
-            )
-
-    def _weights(self, method: str | None, weights: Weights, last: int | None) -> list[float]:
-        if method is not None and weights is not None:
-            raise ValueError("pass method= or weights=, not both")
-        if self.num_snapshots == 0:
-            raise RuntimeError(
-                "no PMA snapshot has been taken yet: nothing to merge (the first one is due at "
-                f"{self.schedule.next_due} {self.schedule.unit})"
-            )
-        return self._state.weights(
-            method or self.config.method, self.config.ema_alpha, weights, last
-        )
-
-    def header(self) -> StateHeader:
-        """What a save of this state holds beside the slots."""
-        tensors = (self.names, self.global_shapes, self.buffer_names)
-        counts = {"num_skipped": self.num_skipped, "skip_streak": self.skip_streak}
-        schedule = self.schedule.state_dict()
-        return StateHeader.describe(self.config, self._state, *tensors, schedule=schedule, **counts)
-
-    def _restore(self, saved: StateHeader) -> None:
-        """Counters from a checked header; buffers from live values if it saved none."""
-        self._state.restore(saved.count, saved.records)
-        self._guard.num_skipped, self._guard.streak = saved.num_skipped, saved.skip_streak
-        self.schedule.load_state_dict(saved.schedule)
-        if saved.format == 1:
-            persistence.buffers_from_live(self.backend, self._state)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The averaging state (format 2, :mod:`pma_dist.state_format`) for DCP: slots laid out
-        like their parameters, buffers as replicated tensors."""
-        return persistence.dcp_state(self.backend, self._state, self.header())
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from :meth:`state_dict` output; validated in full before anything changes.
-        A format-1 state loads too (its buffers start from the live values, with a warning);
-        DCP reads one only with ``planner=DefaultLoadPlanner(allow_partial_load=True)``."""
-        self._restore(persistence.load_dcp_state(state, self._state, self.header()))
-
-    def save(self, directory: str | Path) -> Path:
-        """Write the averaging state as one file per rank under ``directory``. Collective. The
-        files describe slots as runs of parameter elements: :meth:`load` reshards them."""
-        return persistence.save_files(
-            Path(directory), self.backend, self._state, self.header(), self.process_group
-        )
-
-    def load(self, directory: str | Path) -> None:
-        """Resume from :meth:`save` output written under any layout; checked in full (settings,
-        parameter names and shapes, every element covered) before anything changes."""
-        plan = persistence.plan_files(Path(directory), self.backend, self.header())
-        plan.apply(self._state)
-        self._restore(plan.header)
-
-    def check_saved(self, directory: str | Path) -> None:
-        """Raise ``PMAStateError`` unless :meth:`load` would succeed; changes nothing."""
-        persistence.plan_files(Path(directory), self.backend, self.header())
-
-    def check_replicas(self) -> None:
-        """Raise ``PMAStateError`` on every rank unless all ranks agree on the counts and every
-        replica (DDP/HSDP, buffers) holds bit-identical state. Collective."""
-        counts = (self.num_snapshots, self.num_skipped)
-        audit.check_replicas(self.backend, self._state, counts, self.process_group)
 
     def close(self) -> None:
         """Remove every hook this Merger installed; the averaging state stays readable."""

@@ -1,5 +1,12 @@
-"""The non-finite policy: a snapshot with NaN/Inf on any rank is skipped by every rank alike,
-raised on, or (after ``max_consecutive_skips`` in a row) reported as the broken run it is."""
+"""The non-finite policy: a snapshot with NaN/Inf on any rank is left out by every rank alike,
+raised on, or (after ``max_consecutive_skips`` in a row) reported as the broken run it is.
+
+Window snapshots are judged late: each rank's verdict on the slot it just wrote stays on the
+device (:meth:`NonFiniteGuard.hold`), and the ranks agree on all verdicts held in one small
+collective (:meth:`NonFiniteGuard.agree`) when the slots are about to be read (merge, swap,
+export, save) and at least once a window. Running snapshots are judged before they are folded
+in, since a NaN folded into a running average cannot be taken out again.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +16,77 @@ import torch
 import torch.distributed as dist
 
 from . import comm
+from .averaging import AveragingState
 from .backends import Backend
 from .config import PMAConfig
 from .errors import NonFiniteSnapshotError
-from .kernels import all_finite
+from .kernels import Tensors, all_finite
 
 log = logging.getLogger("pma_dist")
 
 
 class NonFiniteGuard:
-    """Decides whether a snapshot is taken; counts the skipped ones."""
+    """Decides which snapshots merges may use; counts the ones left out."""
 
     def __init__(self, config: PMAConfig, group: dist.ProcessGroup | None) -> None:
         self.config = config
         self.group = group
         self.num_skipped = 0
-        """Snapshots left out because some rank's shard held NaN/Inf."""
+        """Snapshots left out because some rank's shard held NaN/Inf (agreed so far)."""
         self.streak = 0
         """Non-finite snapshots in a row (reset by a good one)."""
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        """``(seq, this rank's flag)`` of window snapshots written but not yet agreed on."""
 
-    def admit(self, real: list[torch.Tensor], backend: Backend, where: str) -> bool:
-        """True when the snapshot of ``real`` (this rank's real elements) is finite on every
-        rank; False when it is skipped; raises when the policy or the streak says so. Collective
-        unless ``on_nonfinite = "ignore"``."""
-        if self.config.on_nonfinite == "ignore" or comm.all_true(all_finite(real), self.group):
+    @property
+    def checking(self) -> bool:
+        """Whether snapshots are checked at all (``on_nonfinite`` is not ``"ignore"``)."""
+        return self.config.on_nonfinite != "ignore"
+
+    def admit(self, live: Tensors, backend: Backend, where: str) -> bool:
+        """True when ``live`` (this rank's real elements) is finite on every rank; False when
+        the snapshot is to be skipped; raises when the policy or the streak says so.
+        Collective unless ``on_nonfinite = "ignore"``."""
+        if not self.checking or comm.all_true(all_finite(live), self.group):
             self.streak = 0
             return True
+        self._refuse(where, [s.local for s in backend.shards()], backend)
+        return False
+
+    def hold(self, seq: int, flag: torch.Tensor | None) -> None:
+        """Keep this rank's verdict on window snapshot ``seq`` for the next :meth:`agree`."""
+        if flag is not None:
+            self.pending.append((seq, flag))
+
+    def agree(self, state: AveragingState, backend: Backend) -> None:
+        """Make every rank agree on the snapshots held: one small all-reduce (nothing when none
+        is held, as on every rank alike). A snapshot non-finite on any rank is rejected from
+        ``state`` on every rank (all of them, before raising as :meth:`admit` does)."""
+        if not self.pending:
+            return
+        seqs = [seq for seq, _ in self.pending]
+        flags = [flag.to(self.pending[0][1].device) for _, flag in self.pending]
+        self.pending = []
+        error = None
+        for seq, finite in zip(seqs, comm.all_true_each(torch.stack(flags), self.group)):
+            if finite:
+                self.streak = 0
+                continue
+            slot = state.reject(seq)
+            if slot is None:
+                continue
+            record = state.records[slot]
+            try:
+                where = f"step {record.step}, {record.tokens} tokens"
+                self._refuse(where, state.slots[slot], backend)
+            except NonFiniteSnapshotError as err:
+                error = error or err
+        if error is not None:
+            raise error
+
+    def _refuse(self, where: str, tensors: Tensors, backend: Backend) -> None:
+        """Count a non-finite snapshot, or raise when the policy or the streak says so; the
+        error names the tensors of ``tensors`` (shaped like the shard) that hold NaN/Inf."""
         limit = self.config.max_consecutive_skips
         if self.config.on_nonfinite == "raise":
             reason = "pma.on_nonfinite = 'raise'"
@@ -46,10 +98,10 @@ class NonFiniteGuard:
         else:
             self.num_skipped += 1
             self.streak += 1
-            log.warning("PMA snapshot at %s skipped: NaN/Inf on at least one rank", where)
-            return False
-        # Every rank is here (the check is agreed): naming the culprits costs only failing runs.
-        culprits = comm.gather_objects(nonfinite_names(backend), group=self.group)
+            log.warning("PMA snapshot at %s left out: NaN/Inf on at least one rank", where)
+            return
+        # Every rank is here (the verdict is agreed): naming the culprits costs only failing runs.
+        culprits = comm.gather_objects(nonfinite_names(backend, tensors), group=self.group)
         named = "; ".join(
             f"rank {rank}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
             for rank, names in enumerate(culprits)
@@ -58,12 +110,13 @@ class NonFiniteGuard:
         raise NonFiniteSnapshotError(f"PMA snapshot at {where} holds NaN/Inf ({reason}); {named}")
 
 
-def nonfinite_names(backend: Backend) -> list[str]:
-    """Names of this rank's tensors with a NaN/Inf among their real elements."""
+def nonfinite_names(backend: Backend, tensors: Tensors) -> list[str]:
+    """Names of the tensors with a NaN/Inf among the real elements of ``tensors``, which are
+    shaped like this rank's shards (the live shards, or a slot holding a copy of them)."""
     names: list[str] = []
     with torch.no_grad():
-        for shard in backend.shards():
-            flat = shard.local.view(-1)
+        for shard, tensor in zip(backend.shards(), tensors):
+            flat = tensor.view(-1)
             for f in shard.fragments:
                 part = flat[f.local_start : f.local_start + f.numel]
                 if f.param not in names and not bool(torch.isfinite(part).all()):

@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_harness_smoke(tmp_path: Path) -> None:
     out = tmp_path / "snapshot.json"
-    script = BENCHMARKS / "snapshot_bandwidth.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--sizes", "1", "--repeats", "1", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.snapshot_bandwidth", "--sizes", "1", "--repeats", "1"]
+        + ["--out", str(out)],
+        cwd=REPOSITORY,
         capture_output=True,
         text=True,
         timeout=300,
@@ -29,24 +30,24 @@ def test_benchmark_harness_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "script, args, key",
+    "module, args, key",
     [
         (
-            "online_vs_offline.py",
+            "benchmarks.online_vs_offline",
             ["--params-millions", "1", "--window", "2", "--repeats", "1"],
             "rows",
         ),
-        ("memory_per_rank.py", ["--params-millions", "2", "--sizes", "1,2"], "rows"),
-        ("training_overhead.py", ["--steps", "3"], "overhead"),
+        ("benchmarks.memory_per_rank", ["--params-millions", "2", "--sizes", "1,2"], "rows"),
+        ("benchmarks.training_overhead", ["--steps", "3"], "overhead"),
     ],
 )
 def test_more_benchmark_harnesses_smoke(
-    tmp_path: Path, script: str, args: list[str], key: str
+    tmp_path: Path, module: str, args: list[str], key: str
 ) -> None:
     out = tmp_path / "result.json"
-    path = BENCHMARKS / script
     done = subprocess.run(
-        [sys.executable, str(path), *args, "--out", str(out)],
+        [sys.executable, "-m", module, *args, "--out", str(out)],
+        cwd=REPOSITORY,
         capture_output=True,
         text=True,
         timeout=300,
@@ -57,11 +58,8 @@ def test_more_benchmark_harnesses_smoke(
 
 
 def test_paired_overhead_cancels_drift_and_charges_snapshot_steps() -> None:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from common import paired_overhead
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    from benchmarks.common import paired_overhead
+
     rng = random.Random(0)
     drift = [0.100 * (1 + 0.2 * (i // 100 % 2)) for i in range(1000)]
     off = [d + rng.gauss(0, 0.002) for d in drift]

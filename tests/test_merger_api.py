@@ -10,6 +10,7 @@ import torch
 from pma_dist import Merger, PMAConfig, PMAStateError
 from pma_dist.testing import assert_bitwise_equal, assert_close_rel, window_reference
 from tests.support.models import full_state, make_model, train_step
+from tests.support.probes import judged_snapshot
 
 
 def _trained(window: int | None = 3, steps: int = 6, method: str = "sma", seed: int = 0):
@@ -142,26 +143,49 @@ def test_a_run_of_nonfinite_snapshots_raises_naming_the_tensor(window) -> None:
     model = make_model()
     config = PMAConfig(window=window, interval_steps=1, max_consecutive_skips=3)
     merger = Merger(model, None, config)
-    assert merger.snapshot()
+    assert judged_snapshot(merger)
     _poisoned(model, float("nan"))
-    assert not merger.snapshot() and not merger.snapshot()
+    assert not judged_snapshot(merger) and not judged_snapshot(merger)
     assert (merger.skip_streak, merger.num_skipped) == (2, 2)
     resumed = Merger(model, None, config)
     resumed.load_state_dict(merger.state_dict())
     assert resumed.skip_streak == 2, "the streak is part of the saved state"
     with pytest.raises(NonFiniteSnapshotError) as err:
-        resumed.snapshot()
+        judged_snapshot(resumed)
     message = str(err.value)
     assert "3 snapshots in a row" in message and "rank 0: mix" in message, message
     assert "embed.weight" not in message, "only the tensors that held NaN/Inf are named"
     _poisoned(model, 1.0)
-    assert merger.snapshot() and merger.skip_streak == 0, "a good snapshot resets the streak"
+    assert judged_snapshot(merger) and merger.skip_streak == 0, "a good snapshot resets the streak"
     _poisoned(model, float("inf"))
-    assert not merger.snapshot() and not merger.snapshot(), "two in a row are skipped again"
+    assert not judged_snapshot(merger) and not judged_snapshot(merger), "two in a row: skipped"
     relaxed = Merger(
         model, None, PMAConfig(window=window, interval_steps=1, max_consecutive_skips=None)
     )
-    assert not any(relaxed.snapshot() for _ in range(5)) and relaxed.num_skipped == 5
+    assert not any(judged_snapshot(relaxed) for _ in range(5)) and relaxed.num_skipped == 5
+
+
+def test_window_snapshots_are_judged_late_and_left_out_of_merges() -> None:
+    """A window snapshot is written whatever it holds; the verdict comes at the next agreement
+    (a merge, a save, or once a window), and a non-finite one is then left out of merges."""
+    model = make_model()
+    config = PMAConfig(method="sma", window=4, interval_steps=1, max_consecutive_skips=None)
+    merger = Merger(model, None, config)
+    taken = []
+    for value in (0.5, float("nan"), 1.5):
+        _poisoned(model, value)
+        assert merger.snapshot(), "a window snapshot is always written"
+        taken.append(model.mix.detach().clone())
+    assert merger.num_skipped == 0, "nothing is judged before the ranks agree"
+    merged = merger.merged_shards()["mix"]
+    assert merger.num_skipped == 1 and merger.window_size == 2 and merger.num_snapshots == 2
+    assert torch.equal(merged, (taken[0] + taken[2]) / 2), "the NaN snapshot is left out"
+    _poisoned(model, float("nan"))
+    for _ in range(3):
+        merger.snapshot()
+    assert merger.num_skipped == 1, "3 pending verdicts of a window of 4: not agreed yet"
+    merger.snapshot()
+    assert merger.num_skipped == 5, "the 4th pending verdict makes the ranks agree"
 
 
 def test_close_removes_the_hooks_it_installed() -> None:

@@ -8,6 +8,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from pma_dist import Merger, NonFiniteSnapshotError, PMAConfig, PMAStateError
 from pma_dist.testing import assert_bitwise_equal, assert_close_rel, run_ranks, window_reference
 from tests.support.models import batch, full_state, make_model, shard_fsdp2, train_step
+from tests.support.probes import counted_calls, judged_snapshot
 
 BAD_RANK = 1
 
@@ -65,14 +66,15 @@ def _worker(rank: int, world_size: int) -> dict:
     for step in range(3):
         train_step(fsdp, fsdp_opt, step, rank, world_size)
         assert skip.step() and strict.step() and streak.step()
-    before = _local_slots(skip) + _local_slots(strict)
+    last_good = [p.to_local().detach().clone() for p in fsdp.parameters()]
+    before = _local_slots(strict)
     for value in (float("nan"), float("inf"), float("-inf")):
         undo = _poison(fsdp, value) if rank == BAD_RANK else None
         if undo is not None:
             out["poisoned"] = undo[2]
-        out["taken"].append(skip.snapshot())
+        out["taken"].append(judged_snapshot(skip))
         try:
-            out.setdefault("streak", []).append(streak.snapshot())
+            out.setdefault("streak", []).append(judged_snapshot(streak))
         except NonFiniteSnapshotError as err:
             out["streak"].append(str(err))
         try:
@@ -84,11 +86,39 @@ def _worker(rank: int, world_size: int) -> dict:
             with torch.no_grad():
                 undo[0].fill_(undo[1])
     out["counts"] = (skip.num_snapshots, skip.num_skipped, strict.num_snapshots)
-    after = _local_slots(skip) + _local_slots(strict)
-    out["slots_unchanged"] = all(torch.equal(a, b) for a, b in zip(after, before))
-    out["accepted_after"] = (skip.snapshot(), strict.snapshot(), streak.snapshot())
+    out["slots_unchanged"] = all(torch.equal(a, b) for a, b in zip(_local_slots(strict), before))
+    # Window mode wrote the bad snapshots over the oldest good one and left them out: the merge
+    # is the one good snapshot left, until the next snapshots refill the window.
+    out["window_after"] = (skip.window_size, skip.history)
+    merged = skip.merged_shards(method="sma")
+    out["merge_is_last_good"] = len(merged) == len(last_good) and all(
+        torch.equal(merged[name], good) for name, good in zip(skip.names, last_good)
+    )
+    out["accepted_after"] = (
+        judged_snapshot(skip),
+        judged_snapshot(strict),
+        judged_snapshot(streak),
+    )
     out["streak_after"] = streak.skip_streak
+    out["costs"] = _snapshot_costs(fsdp, fsdp_opt)
     return out
+
+
+def _snapshot_costs(model, optimizer) -> dict[str, dict]:
+    """Collectives and host syncs made by window snapshots, the agreement and merges."""
+    merger = Merger(model, optimizer, PMAConfig(window=3, interval_steps=1))
+    costs = {}
+    with counted_calls() as costs["two snapshots"]:
+        merger.snapshot()
+        merger.snapshot()
+    with counted_calls() as costs["third snapshot"]:
+        merger.snapshot()
+    with counted_calls() as costs["merge, none pending"]:
+        merger.merged_shards()
+    merger.snapshot()
+    with counted_calls() as costs["merge, one pending"]:
+        merger.merged_shards()
+    return {k: dict(v) for k, v in costs.items()}
 
 
 def test_ddp_parity_and_rank_agreed_nonfinite_skip() -> None:
@@ -102,7 +132,9 @@ def test_ddp_parity_and_rank_agreed_nonfinite_skip() -> None:
         assert "replicas differ: ranks 0 and 1" in r["diverged"]
         assert r["taken"] == [False, False, False]
         assert r["counts"] == (3, 3, 3)
-        assert r["slots_unchanged"]
+        assert r["slots_unchanged"], "running mode folds nothing non-finite in"
+        assert r["window_after"] == (1, [(3, 0)]), r["window_after"]
+        assert r["merge_is_last_good"]
         assert r["accepted_after"] == (True, True, True)
         assert len(r["strict"]) == 3 and all("NaN/Inf" in s for s in r["strict"]), r["strict"]
         assert r["streak"][0] is False, "the first non-finite snapshot is skipped"
@@ -111,3 +143,9 @@ def test_ddp_parity_and_rank_agreed_nonfinite_skip() -> None:
             assert f"rank {BAD_RANK}: {r1['poisoned']}" in message, message
             assert "rank 0:" not in message, "the clean rank is not named"
         assert r["streak_after"] == 0, "a good snapshot resets the streak"
+        costs = r["costs"]
+        assert costs["two snapshots"] == {}, "no collective, no host sync in a window snapshot"
+        agreement = {"all_reduce": 1, "tolist": 1}
+        assert costs["third snapshot"] == agreement, "a window of verdicts is agreed at once"
+        assert costs["merge, none pending"] == {}
+        assert costs["merge, one pending"] == agreement

@@ -81,6 +81,9 @@ class FSDP2Backend:
                     "(Shard(0) or Replicate on every mesh dimension), so tensor parallelism "
                     "that splits columns (RowwiseParallel weights, say) is not supported"
                 )
+        self._layout = {name: _fragments(name, param) for name, param in params}
+        """Per parameter, where its local shard lies: fixed for the backend's life, and worked
+        out once (DTensor's layout helpers read the mesh coordinates each time)."""
 
     def _parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The sharded parameters, looked up afresh: a forward with ``reshard_after_forward=False``
@@ -103,7 +106,7 @@ class FSDP2Backend:
                     p.to_local(),
                     tuple(p.shape),
                     functools.partial(_like_param, p),
-                    _fragments(n, p),
+                    self._layout.get(n) or _fragments(n, p),
                 )
                 for n, p in self._parameters()
             ] + buffer_shards(self._model, self._buffers)

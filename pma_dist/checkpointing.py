@@ -1,0 +1,93 @@
+"""The checkpoint side of the :class:`~pma_dist.Merger`: a DCP ``Stateful``, per-rank state
+files, and the replica audit, over one :class:`~pma_dist.state_format.StateHeader`.
+
+A mixin, so that the public object keeps one flat API while each concept lives in its own
+module; it reads the Merger's parts and never reaches past them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from . import audit, persistence
+from .averaging import AveragingState
+from .backends import Backend
+from .config import PMAConfig
+from .nonfinite import NonFiniteGuard
+from .schedule import SnapshotSchedule
+from .state_format import StateHeader
+
+
+class Checkpointing:
+    """Saving, loading and auditing the averaging state of a Merger."""
+
+    config: PMAConfig
+    backend: Backend
+    schedule: SnapshotSchedule
+    process_group: dist.ProcessGroup | None
+    names: list[str]
+    global_shapes: list[list[int]]
+    buffer_names: list[str]
+    _state: AveragingState
+    _guard: NonFiniteGuard
+
+    def agree(self) -> None:
+        raise NotImplementedError
+
+    def header(self) -> StateHeader:
+        """What a save of this state holds beside the slots."""
+        tensors = (self.names, self.global_shapes, self.buffer_names)
+        counts = {"num_skipped": self._guard.num_skipped, "skip_streak": self._guard.streak}
+        schedule = self.schedule.state_dict()
+        return StateHeader.describe(self.config, self._state, *tensors, schedule=schedule, **counts)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averaging state (format 2, :mod:`pma_dist.state_format`) for DCP: slots laid out
+        like their parameters, buffers as replicated tensors. Collective (:meth:`agree`)."""
+        self.agree()
+        return persistence.dcp_state(self.backend, self._state, self.header())
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict` output; validated in full before anything changes.
+        A format-1 state loads too (its buffers start from the live values, with a warning);
+        DCP reads one only with ``planner=DefaultLoadPlanner(allow_partial_load=True)``."""
+        self._restore(persistence.load_dcp_state(state, self._state, self.header()))
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the averaging state as one file per rank under ``directory``. Collective. The
+        files describe slots as runs of parameter elements: :meth:`load` reshards them."""
+        self.agree()
+        return persistence.save_files(
+            Path(directory), self.backend, self._state, self.header(), self.process_group
+        )
+
+    def load(self, directory: str | Path) -> None:
+        """Resume from :meth:`save` output written under any layout; checked in full (settings,
+        parameter names and shapes, every element covered) before anything changes."""
+        plan = persistence.plan_files(Path(directory), self.backend, self.header())
+        plan.apply(self._state)
+        self._restore(plan.header)
+
+    def check_saved(self, directory: str | Path) -> None:
+        """Raise ``PMAStateError`` unless :meth:`load` would succeed; changes nothing."""
+        persistence.plan_files(Path(directory), self.backend, self.header())
+
+    def check_replicas(self) -> None:
+        """Raise ``PMAStateError`` on every rank unless all ranks agree on the counts and every
+        replica (DDP/HSDP, buffers) holds bit-identical state. Collective."""
+        self.agree()
+        counts = (self._state.count, self._guard.num_skipped)
+        audit.check_replicas(self.backend, self._state, counts, self.process_group)
+
+    def _restore(self, saved: StateHeader) -> None:
+        """Counters from a checked header; buffers from live values if it saved none."""
+        self._state.restore(saved.count, saved.records)
+        self._guard.pending = []
+        self._guard.num_skipped, self._guard.streak = saved.num_skipped, saved.skip_streak
+        self.schedule.load_state_dict(saved.schedule)
+        if saved.format == 1:
+            persistence.buffers_from_live(self.backend, self._state)

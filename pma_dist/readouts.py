@@ -1,0 +1,136 @@
+"""Reading merges out of a :class:`~pma_dist.Merger`: swapped into the live model, applied to
+it, as local tensors, or exported; each resolves its weights against the agreed snapshots.
+
+A mixin, so that the public object keeps one flat API while each concept lives in its own
+module; it reads the Merger's parts and never reaches past them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import swap
+from .averaging import AveragingState
+from .backends import Backend
+from .config import PMAConfig
+from .schedule import SnapshotSchedule
+
+Weights = Sequence[float] | None
+"""One weight per held snapshot, oldest first (normalized), or None for a method's weights."""
+
+
+class Readouts:
+    """Swap, apply, merged shards and export of the merged weights."""
+
+    config: PMAConfig
+    backend: Backend
+    schedule: SnapshotSchedule
+    process_group: dist.ProcessGroup | None
+    names: list[str]
+    _model: nn.Module
+    _state: AveragingState
+    _swap_active: bool
+    num_snapshots: int
+    history: list[tuple[int, int]]
+
+    def agree(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def swapped(
+        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
+    ) -> Iterator[Readouts]:
+        """Put the merged weights into the live parameters for the body; restore them bitwise.
+
+        ``method`` picks a weighting in window mode (``"sma"``, ``"wma"``, ``"ema"``);
+        ``weights`` gives one weight per snapshot held, oldest first (normalized); ``last=k``
+        merges the newest k only. Enter it on every rank: under DeepSpeed pushing the master
+        to the working weights is collective, and an FSDP2 forward inside the body is too.
+        """
+        if self._swap_active:
+            raise RuntimeError("Merger.swapped() is already active; swaps do not nest")
+        resolved = self._weights(method, weights, last)
+        self._swap_active = True
+        try:
+            with swap.swapped_in(self.backend, self._state, resolved, self.config.offload):
+                yield self
+        finally:
+            self._swap_active = False
+
+    def apply(
+        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
+    ) -> None:
+        """Overwrite the live parameters (and averaged buffers) with the merge (PMA-init,
+        recovery), as in :meth:`swapped`; the optimizer and averaging state are kept."""
+        if self._swap_active:
+            raise RuntimeError("Merger.apply() inside swapped(): leave the swap first")
+        swap.apply_merge(self.backend, self._state, self._weights(method, weights, last))
+
+    def merged_shards(
+        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The merged local shards as new tensors in the accumulation dtype, keyed by name.
+        Collective when snapshots are pending (:meth:`agree`)."""
+        resolved = self._weights(method, weights, last)
+        shards = [s.local for s in self.backend.shards()]
+        out = [torch.empty(t.shape, dtype=self._state.dtype, device=t.device) for t in shards]
+        self._state.merge_into(out, resolved)
+        return dict(zip(self.names, out))
+
+    def export(
+        self,
+        path: str | Path,
+        format: str = "hf",
+        method: str | None = None,
+        dtype: torch.dtype | str | None = None,
+        *,
+        weights: Weights = None,
+        last: int | None = None,
+        **options: Any,
+    ) -> Path:
+        """Write the merged model to ``path`` (``"hf"`` safetensors or ``"dcp"``). Collective.
+
+        Streams one tensor at a time and replaces ``path`` only once the new export is whole;
+        see :func:`pma_dist.export.export_model` for ``options`` (config, tokenizer,
+        max_shard_size, ...). The live weights are restored bitwise afterwards.
+        """
+        from .export import export_model
+
+        self.agree()
+        merged = self.history[-last:] if last else self.history
+        info = {
+            "method": "weights" if weights is not None else method or self.config.method,
+            **{"mode": self._state.mode, "num_snapshots": self.num_snapshots},
+            **{"window_size": len(merged), "history": [list(h) for h in merged]},
+        }
+        with self.swapped(method, weights, last=last):
+            return export_model(
+                self._model,
+                path,
+                format=format,
+                dtype=dtype,
+                info={"pma": info},
+                source=self.backend.source() if hasattr(self.backend, "source") else None,
+                group=self.process_group,
+                **options,
+            )
+
+    def _weights(self, method: str | None, weights: Weights, last: int | None) -> list[float]:
+        if method is not None and weights is not None:
+            raise ValueError("pass method= or weights=, not both")
+        self.agree()
+        if self.num_snapshots == 0:
+            raise RuntimeError(
+                "no PMA snapshot has been taken yet: nothing to merge (the first one is due at "
+                f"{self.schedule.next_due} {self.schedule.unit})"
+            )
+        return self._state.weights(
+            method or self.config.method, self.config.ema_alpha, weights, last
+        )

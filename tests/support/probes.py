@@ -1,0 +1,57 @@
+"""Probes on a Merger's behaviour: judged snapshots, and counts of the collectives and host
+syncs a block of code makes (by wrapping the real ``torch.distributed`` and ``Tensor``
+functions, which keep working)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from pma_dist import Merger
+
+COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
+    "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "gather", "gather_object",
+    "scatter", "all_to_all", "all_to_all_single", "barrier", "reduce", "send", "recv",
+)  # fmt: skip
+HOST_SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+
+def judged_snapshot(merger: Merger) -> bool:
+    """Take a snapshot and have the ranks agree on it at once: True when it was accepted."""
+    skipped = merger.num_skipped
+    taken = merger.snapshot()
+    merger.agree()
+    return taken and merger.num_skipped == skipped
+
+
+@contextmanager
+def counted_calls() -> Iterator[Counter]:
+    """Count calls of every ``torch.distributed`` collective and every ``Tensor`` method that
+    waits for a device's result, made inside the block."""
+    calls: Counter = Counter()
+    originals = []
+
+    def counting(owner, name: str):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        originals.append((owner, name, original))
+        setattr(owner, name, wrapper)
+
+    for name in COLLECTIVES:
+        counting(dist, name)
+    for name in HOST_SYNCS:
+        counting(torch.Tensor, name)
+    try:
+        yield calls
+    finally:
+        for owner, name, original in reversed(originals):
+            setattr(owner, name, original)
