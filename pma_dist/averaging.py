@@ -9,14 +9,10 @@ Two states keep averages of it, both exact:
 * :class:`RunningAverage` - one slot, and every snapshot is one ``lerp`` with a scalar weight:
   cumulative SMA 1/k, cumulative WMA 2/(k+1), EMA alpha (1 for the first snapshot).
 
-Slots accumulate in fp32 (or the configured dtype) whatever the dtype of the shard, and all work
-is done with ``torch._foreach_*`` over groups of tensors that share a device and a dtype.
-
-Every slot has a :class:`SlotRecord` (which snapshot, at which step and token count, still
-valid or not). Merges read the valid slots in the order the snapshots were taken, so a slot can
-be dropped (a rolled-back trajectory) without moving data, and a slot whose weight is zero is
-never read. Tensors may carry padding that no one initialized (``runs``): snapshots copy and
-checks read only the real elements, and padding in the slots stays zero.
+Slots accumulate in fp32 (or the configured dtype); the tensor work is in :mod:`.kernels`. Each
+slot has a :class:`SlotRecord`; merges read the valid slots in snapshot order, so a slot can be
+dropped (a rolled-back or non-finite snapshot) without moving data, and a slot whose weight is
+zero is never read. Padding no one initialized (``runs``) is never copied or checked.
 """
 
 from __future__ import annotations
@@ -31,13 +27,11 @@ from .config import PMAConfig
 from .kernels import (
     Runs,
     Tensors,
-    all_finite,
-    copy_checked,
+    copy_group,
     device_groups,
-    lerp_staged,
+    lerp_group,
     real_views,
-    weighted_sum_blocked,
-    weighted_sum_staged,
+    weighted_sum,
 )
 from .offload import SideStreamCopy, empty_slot, slot_device
 from .records import (
@@ -157,22 +151,10 @@ class AveragingState:
             raise ValueError(f"weights={list(weights)!r}: every weight is zero")
         self._check(out)
         self.wait_host()
+        weights = [w for _, w in pairs]
         for group in self._groups:
             outs = [out[i] for i in group]
-            slots = [[self.slots[s][i] for i in group] for s, _ in pairs]
-            if slots[0][0].device != outs[0].device:
-                weighted_sum_staged(outs, slots, [w for _, w in pairs], self.dtype)
-                continue
-            if outs[0].device.type == "cpu" and outs[0].dtype == self.dtype:
-                weighted_sum_blocked(outs, slots, [w for _, w in pairs])
-                continue
-            acc = outs if outs[0].dtype == self.dtype else [torch.empty_like(s) for s in slots[0]]
-            torch._foreach_copy_(acc, slots[0])
-            torch._foreach_mul_(acc, pairs[0][1])
-            for slot, (_, weight) in zip(slots[1:], pairs[1:]):
-                torch._foreach_add_(acc, slot, alpha=weight)
-            if acc is not outs:
-                torch._foreach_copy_(outs, acc)
+            weighted_sum(outs, [[self.slots[s][i] for i in group] for s, _ in pairs], weights)
 
     def wait_device(self) -> None:
         """Order the current stream after pending snapshot copies (before the shard changes)."""
@@ -203,15 +185,7 @@ class AveragingState:
         for group in self._real_groups:
             dst = [slot[i] for i in group]
             src = [tensors[i] for i in group]
-            side = self._side_copies.get(src[0].device)
-            if side is not None:
-                if check:
-                    flags.append(all_finite(src))
-                side.copy(dst, src)
-            elif check:
-                flags.append(copy_checked(dst, src))
-            else:
-                torch._foreach_copy_(dst, src)
+            flags.append(copy_group(dst, src, self._side_copies.get(src[0].device), check))
         if not check:
             return None
         if not flags:
@@ -303,14 +277,7 @@ class RunningAverage(AveragingState):
         else:
             slot, live = self.real(self.slots[0]), self.real(tensors)
             for group in self._real_groups:
-                dst = [slot[i] for i in group]
-                src = [live[i] for i in group]
-                if dst[0].device != src[0].device:
-                    lerp_staged(dst, src, weight)
-                    continue
-                if src[0].dtype != self.dtype:
-                    src = [t.to(self.dtype) for t in src]
-                torch._foreach_lerp_(dst, src, weight)
+                lerp_group([slot[i] for i in group], [live[i] for i in group], weight)
         self.records[0] = SlotRecord(self.next_seq, step, tokens)
         self.next_seq += 1
         self.count += 1

@@ -34,6 +34,8 @@ class Checkpointing:
     buffer_names: list[str]
     _state: AveragingState
     _guard: NonFiniteGuard
+    _checked_load: tuple[Path, Any] | None = None
+    """What :meth:`check_saved` read, for the :meth:`load` of the same directory that follows."""
 
     def agree(self) -> None:
         raise NotImplementedError
@@ -67,14 +69,22 @@ class Checkpointing:
 
     def load(self, directory: str | Path) -> None:
         """Resume from :meth:`save` output written under any layout; checked in full (settings,
-        parameter names and shapes, every element covered) before anything changes."""
-        plan = persistence.plan_files(Path(directory), self.backend, self.header())
+        parameter names and shapes, every element covered, checksums) before anything changes.
+        Each rank reads only the saved chunks that hold its share."""
+        checked, self._checked_load = self._checked_load, None
+        if checked is not None and checked[0] == Path(directory).resolve():
+            plan = checked[1]
+        else:
+            plan = persistence.plan_files(Path(directory), self.backend, self.header())
         plan.apply(self._state)
         self._restore(plan.header)
 
     def check_saved(self, directory: str | Path) -> None:
-        """Raise ``PMAStateError`` unless :meth:`load` would succeed; changes nothing."""
-        persistence.plan_files(Path(directory), self.backend, self.header())
+        """Raise ``PMAStateError`` unless :meth:`load` would succeed; changes nothing. What it
+        read is kept for a :meth:`load` of the same directory that follows, so checking first
+        (as the DeepSpeed integration does before the engine loads) reads the state once."""
+        plan = persistence.plan_files(Path(directory), self.backend, self.header())
+        self._checked_load = (Path(directory).resolve(), plan)
 
     def check_replicas(self) -> None:
         """Raise ``PMAStateError`` on every rank unless all ranks agree on the counts and every

@@ -76,3 +76,16 @@ def gather_objects(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def gather_to_first(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any] | None:
+    """Every rank's ``obj``, in rank order, on the group's first rank (None elsewhere): what the
+    first rank receives grows with the world, what the others send does not."""
+    group = group if group is not None else default_group()
+    if group is None:
+        return [obj]
+    first = dist.get_global_rank(group, 0)
+    mine = dist.get_rank(group) == 0
+    out: list[Any] | None = [None] * dist.get_world_size(group) if mine else None
+    dist.gather_object(obj, out, dst=first, group=group)
+    return out

@@ -5,6 +5,7 @@ chunked staging when slots live in host memory for device tensors."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -103,6 +104,41 @@ def real_views(tensors: Tensors, runs: Sequence[Runs]) -> list[torch.Tensor]:
     return out
 
 
+def weighted_sum(outs: list[torch.Tensor], slots: list[list[torch.Tensor]], weights: list[float]):
+    """``outs[i] = sum_s weights[s] * slots[s][i]`` for tensors that share a device and a dtype
+    (``outs`` may have another dtype, or live on the device when the slots live on the host);
+    accumulated in the slots' dtype."""
+    dtype = slots[0][0].dtype
+    if slots[0][0].device != outs[0].device:
+        weighted_sum_staged(outs, slots, weights, dtype)
+    elif outs[0].device.type == "cpu" and outs[0].dtype == dtype:
+        weighted_sum_blocked(outs, slots, weights)
+    else:
+        acc = outs if outs[0].dtype == dtype else [torch.empty_like(s) for s in slots[0]]
+        torch._foreach_copy_(acc, slots[0])
+        torch._foreach_mul_(acc, weights[0])
+        for slot, weight in zip(slots[1:], weights[1:]):
+            torch._foreach_add_(acc, slot, alpha=weight)
+        if acc is not outs:
+            torch._foreach_copy_(outs, acc)
+
+
+def copy_group(
+    dst: list[torch.Tensor], src: list[torch.Tensor], side: Any | None, check: bool
+) -> torch.Tensor | None:
+    """``dst[i].copy_(src[i])`` for tensors that share a device and a dtype, on the side
+    stream ``side`` (a :class:`~pma_dist.offload.SideStreamCopy`) when the slots are on the
+    host; with ``check``, a 0-dim flag on the device: 1.0 when every element is finite."""
+    if side is not None:
+        finite = all_finite(src) if check else None
+        side.copy(dst, src)
+        return finite
+    if check:
+        return copy_checked(dst, src)
+    torch._foreach_copy_(dst, src)
+    return None
+
+
 def weighted_sum_blocked(
     outs: list[torch.Tensor], slots: list[list[torch.Tensor]], weights: list[float]
 ) -> None:
@@ -138,6 +174,17 @@ def weighted_sum_staged(
             flat_out[part].copy_(acc)
     if outs:
         torch.get_device_module(outs[0].device).synchronize(outs[0].device)
+
+
+def lerp_group(dst: list[torch.Tensor], src: list[torch.Tensor], weight: float) -> None:
+    """``dst[i].lerp_(src[i], weight)`` for tensors that share a device and a dtype, in the
+    dtype of ``dst`` (slots in host memory are staged through the device)."""
+    if dst[0].device != src[0].device:
+        lerp_staged(dst, src, weight)
+        return
+    if src[0].dtype != dst[0].dtype:
+        src = [t.to(dst[0].dtype) for t in src]
+    torch._foreach_lerp_(dst, src, weight)
 
 
 def lerp_staged(dst: list[torch.Tensor], src: list[torch.Tensor], weight: float) -> None:

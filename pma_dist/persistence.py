@@ -3,8 +3,8 @@
 Two forms: the DCP form (:func:`dcp_state` / :func:`load_dcp_state`), slots laid out like their
 parameters so that ``torch.distributed.checkpoint`` saves them sharded and reshards them on load;
 and per-rank files (:func:`save_files` / :func:`plan_files`), runs of parameter elements that
-load under any layout (DeepSpeed ZeRO stages, FSDP2, whole tensors). Both carry the same
-:class:`~pma_dist.state_format.StateHeader`.
+load under any layout (DeepSpeed ZeRO stages, FSDP2, whole tensors), each rank reading only its
+share. Both carry the same :class:`~pma_dist.state_format.StateHeader`.
 """
 
 from __future__ import annotations
@@ -18,18 +18,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import comm
 from .averaging import AveragingState
 from .backends import Backend
 from .errors import PMAStateError
-from .state_files import (
-    Copy,
-    apply_copies,
-    file_header,
-    plan_copies,
-    read_rank_files,
-    write_rank_file,
-)
+from .indexed_state import IndexedLoad, has_index, plan_indexed, write_indexed
+from .state_files import Copy, apply_copies, file_header, plan_copies, read_rank_files
 from .state_format import StateHeader
 
 
@@ -95,17 +88,12 @@ def save_files(
     header: StateHeader,
     group: dist.ProcessGroup | None,
 ) -> Path:
-    """Write one file per rank under ``directory``. Collective. The fragments name every
-    element, so the header leaves out the layout's own tensor names (ZeRO flat groups, say)."""
+    """Write one file per rank and the index under ``directory`` (:mod:`.indexed_state`).
+    Collective. The fragments name every element, so the header leaves out the layout's own
+    tensor names (ZeRO flat groups, say)."""
     header = replace(header, names=None, shapes=None)
-    if comm.rank(group) == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    comm.broadcast_object(None, group=group)
     state.wait_host()
-    rank, world = comm.rank(group), comm.world_size(group)
-    write_rank_file(directory, rank, world, header, backend.shards(), state.slots)
-    comm.gather_objects(None, group=group)
-    return directory
+    return write_indexed(directory, header, backend.shards(), state.slots, group)
 
 
 @dataclass
@@ -124,9 +112,13 @@ class FileLoad:
                 apply_copies(self.files, self.copies, k, slot)
 
 
-def plan_files(directory: Path, backend: Backend, ours: StateHeader) -> FileLoad:
-    """Read and check the files under ``directory`` against this Merger (settings, every
-    element of every tensor covered) without changing anything."""
+def plan_files(directory: Path, backend: Backend, ours: StateHeader) -> FileLoad | IndexedLoad:
+    """Read and check what this rank needs of the save under ``directory`` (settings, every
+    element of its tensors covered, checksums) without changing anything. An indexed save is
+    read O(this rank's share); a save of earlier releases (``pma_rank*.pt`` files) is read
+    whole."""
+    if has_index(directory):
+        return plan_indexed(directory, backend.shards(), ours)
     files = read_rank_files(directory)
     header = file_header(files[0], str(directory))
     header.check_matches(ours, str(directory))

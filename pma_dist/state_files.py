@@ -1,22 +1,21 @@
-"""Averaging state as one file per rank, in a layout-independent form that reshards on load.
+"""Per-rank state in a layout-independent form: the resharding plan, and the reader of the
+``pma_rank*.pt`` files that earlier releases wrote (saves now go through :mod:`.indexed_state`).
 
-Each rank saves its slot tensors as they are, with the ``Fragment``s that say which parameter
-elements each one holds. A state saved under one layout (DeepSpeed ZeRO-2 on 8 ranks, say) so
-loads under another (ZeRO-3 on 16, FSDP2 on 4): every rank reads, memory-mapped, only the saved
-runs that overlap its own, and checks that they cover every element it needs before it changes
-anything.
+Each rank's slot tensors are described by the ``Fragment``s that say which parameter elements
+each one holds, so a state saved under one layout (DeepSpeed ZeRO-2 on 8 ranks, say) loads under
+another (ZeRO-3 on 16, FSDP2 on 4): :func:`plan_copies` maps saved runs onto this rank's and
+checks that they cover every element it needs before anything changes.
 
-Files are plain data (dicts, lists, numbers, strings and tensors) loaded with
+``.pt`` files are plain data (dicts, lists, numbers, strings and tensors) loaded with
 ``torch.load(weights_only=True)``: a file that needs anything else is refused, so a crafted file
 cannot run code on the ranks that resume from it. The tensors and the header each carry a
-checksum, so a torn or edited file is refused too.
+checksum, so a torn or edited file is refused too. Reading them touches every rank's file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,10 +27,9 @@ import torch
 from .backends.base import Shard
 from .errors import PMAStateError
 from .offload import chunks
-from .state_format import FORMAT_VERSION, StateHeader, check_version
+from .state_format import StateHeader, check_version
 
 FORMAT = "pma_dist-fragments"
-FILE_PATTERN = "pma_rank{rank:05d}.pt"
 FILE_GLOB = "pma_rank*.pt"
 
 
@@ -61,13 +59,11 @@ def bit_checksum(tensor: torch.Tensor) -> int:
     return int(total.item())
 
 
-def rank_file(directory: Path, rank: int) -> Path:
-    return Path(directory) / FILE_PATTERN.format(rank=rank)
-
-
 def has_state(directory: Path) -> bool:
-    """True when ``directory`` holds per-rank PMA state files."""
-    return any(Path(directory).glob(FILE_GLOB))
+    """True when ``directory`` holds per-rank PMA state (an indexed save, or earlier ``.pt``
+    files)."""
+    directory = Path(directory)
+    return (directory / "pma_index.json").is_file() or any(directory.glob(FILE_GLOB))
 
 
 def header_digest(payload: dict[str, Any]) -> str:
@@ -75,41 +71,6 @@ def header_digest(payload: dict[str, Any]) -> str:
     header = {k: v for k, v in payload.items() if k not in ("slots", "header_sha256")}
     text = json.dumps(header, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def write_rank_file(
-    directory: Path,
-    rank: int,
-    world_size: int,
-    header: StateHeader,
-    shards: list[Shard],
-    slots: list[list[torch.Tensor]],
-) -> Path:
-    """Write this rank's file atomically; ``slots[k][i]`` is slot k of ``shards[i]``."""
-    path = rank_file(directory, rank)
-    missing = [s.name for s in shards if s.local.numel() and not s.fragments]
-    if missing:
-        raise PMAStateError(f"shards {missing[:3]} have a layout without fragments")
-    payload = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "rank": rank,
-        "world_size": world_size,
-        "header": header.to_flat(),
-        "fragments": [
-            [(f.param, tuple(f.shape), f.start, f.numel, f.local_start) for f in s.fragments]
-            for s in shards
-        ],
-        "slots": [[t.detach() for t in slot] for slot in slots],
-        "checksums": [[bit_checksum(t) for t in slot] for slot in slots],
-    }
-    payload["header_sha256"] = header_digest(payload)
-    temp = path.with_suffix(".tmp")
-    torch.save(payload, temp)
-    with open(temp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(temp, path)
-    return path
 
 
 def read_rank_file(path: Path) -> dict[str, Any]:
@@ -142,7 +103,9 @@ def read_rank_files(directory: Path) -> list[dict[str, Any]]:
     """Every rank's file, memory-mapped; checks that the set is complete."""
     paths = sorted(Path(directory).glob(FILE_GLOB))
     if not paths:
-        raise PMAStateError(f"{directory}: no {FILE_GLOB} files (no PMA state saved here)")
+        raise PMAStateError(
+            f"{directory}: no pma_index.json nor {FILE_GLOB} files (no PMA state saved here)"
+        )
     files = [read_rank_file(p) for p in paths]
     for path, f in zip(paths, files):
         for k, (slot, sums) in enumerate(zip(f["slots"], f["checksums"])):

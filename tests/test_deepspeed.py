@@ -138,8 +138,10 @@ def _checkpoint_worker(rank, world_size, root, stage, mode) -> dict:
 def test_checkpoints_resume_bitwise_and_reshard(tmp_path: Path) -> None:
     root = str(tmp_path / "ckpt")
     saved = run_ranks(_checkpoint_worker, 2, root, 2, "save")[0]
-    files = sorted(p.name for p in (tmp_path / "ckpt" / "global_step4").glob("pma_rank*.pt"))
-    assert files == ["pma_rank00000.pt", "pma_rank00001.pt"], "every rank's state is saved"
+    step_dir = tmp_path / "ckpt" / "global_step4"
+    files = sorted(p.name.rsplit("_", 1)[1] for p in step_dir.glob("pma_*_rank*.safetensors"))
+    assert files == ["rank00000.safetensors", "rank00001.safetensors"], "every rank's state"
+    assert (step_dir / "pma_index.json").is_file()
 
     resumed = run_ranks(_checkpoint_worker, 2, root, 2, "resume")[0]
     assert_bitwise_equal(resumed["merged_end"], saved["merged_end"], "resume at 2 ranks")
@@ -397,5 +399,5 @@ def test_detach_puts_the_engine_back_as_it_was(tmp_path: Path) -> None:
         assert result["patched_left"] == [], "engine methods restored, engine.pma gone"
         assert result["losses"] == result["plain_losses"], "trains exactly as a plain engine"
         assert result["snapshots_after_detach"] == 0 and result["second_detach"] is None
-    assert not list((tmp_path / "after").glob("pma_rank*.pt")), "no PMA state saved after detach"
+    assert not list((tmp_path / "after").rglob("pma_*")), "no PMA state saved after detach"
     assert list((tmp_path / "after").iterdir()), "DeepSpeed's own checkpoint is written"

@@ -116,19 +116,10 @@ def _saved(tmp_path: Path) -> tuple[Merger, Path]:
 
 
 def _tensor_byte(path: Path) -> int:
-    """Offset of a byte inside the largest tensor storage of a ``torch.save`` zip file."""
-    import struct
-    import zipfile
-
-    with zipfile.ZipFile(path) as archive:
-        info = max(
-            (i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size
-        )
+    """Offset of a byte in the middle of a safetensors file's tensor data."""
     raw = path.read_bytes()
-    name_len, extra_len = struct.unpack(
-        "<HH", raw[info.header_offset + 26 : info.header_offset + 30]
-    )
-    return info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+    base = 8 + int.from_bytes(raw[:8], "little")
+    return base + (len(raw) - base) // 2
 
 
 def test_truncated_corrupted_or_incomplete_state_files_are_refused(tmp_path: Path) -> None:
@@ -136,26 +127,55 @@ def test_truncated_corrupted_or_incomplete_state_files_are_refused(tmp_path: Pat
     target = Merger(make_model(seed=4), None, PMAConfig(window=2, interval_steps=1))
     target.load(directory)
     assert target.num_snapshots == 3
-    file = directory / "pma_rank00000.pt"
+    (file,) = directory.glob("pma_*_rank00000.safetensors")
     good = file.read_bytes()
 
     data = bytearray(good)
     data[_tensor_byte(file)] ^= 0x10
     file.write_bytes(bytes(data))
     fresh = Merger(make_model(seed=4), None, PMAConfig(window=2, interval_steps=1))
-    with pytest.raises(PMAStateError, match="corrupted|does not load"):
+    with pytest.raises(PMAStateError, match="do not match their checksum"):
         fresh.load(directory)
     file.write_bytes(good[: len(good) // 2])
-    with pytest.raises(PMAStateError, match="does not load"):
+    with pytest.raises(PMAStateError, match="truncated"):
         fresh.load(directory)
     file.unlink()
-    with pytest.raises(PMAStateError, match="no pma_rank"):
+    with pytest.raises(PMAStateError, match="missing"):
+        fresh.load(directory)
+    file.write_bytes(good)
+    (directory / "pma_index.json").rename(directory / "elsewhere.json")
+    with pytest.raises(PMAStateError, match="no PMA state saved here"):
+        fresh.load(directory)
+    (directory / "elsewhere.json").rename(directory / "pma_index.json")
+    other = merger.save(tmp_path / "other")
+    (foreign,) = other.glob("pma_*_rank00000.safetensors")
+    file.write_bytes(foreign.read_bytes())
+    with pytest.raises(PMAStateError, match="a save was interrupted, or files were mixed"):
         fresh.load(directory)
     assert fresh.num_snapshots == 0, "nothing was loaded"
 
-    (directory / "pma_rank00000.pt").write_bytes(good)
-    import shutil
 
-    shutil.copy(directory / "pma_rank00000.pt", directory / "pma_rank00002.pt")
-    with pytest.raises(PMAStateError, match="files for ranks"):
-        fresh.load(directory)
+def test_a_save_interrupted_before_its_index_leaves_the_previous_one(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from pma_dist import indexed_state
+
+    merger, directory = _saved(tmp_path)
+    before = merger.merged_shards()
+    with torch.no_grad():
+        merger._model.head.weight.mul_(1.5)
+    merger.step()
+
+    def crash(path, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(indexed_state, "_replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        merger.save(directory)
+    monkeypatch.undo()
+    assert len(list(directory.glob("pma_*_rank00000.safetensors"))) == 2, "both saves' files"
+    fresh = Merger(make_model(seed=4), None, PMAConfig(window=2, interval_steps=1))
+    fresh.load(directory)
+    assert_bitwise_equal(fresh.merged_shards(), before, "the previous save, whole")
+    merger.save(directory)
+    assert len(list(directory.glob("pma_*_rank00000.safetensors"))) == 1, "stale files removed"

@@ -1,9 +1,10 @@
 """Saved state: format 2 is what is written, format 1 (committed fixtures written by the last
-version-1 code, tests/data/make_state_v1.py) still loads, and a state file can neither run code
-nor pass an edited header."""
+version-1 code, tests/data/make_state_v1.py) and the ``.pt`` files of earlier format-2 releases
+still load, and a state file can neither run code nor pass an edited header."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from pma_dist import Merger, PMAConfig, PMAStateError
 from pma_dist.testing import assert_bitwise_equal, assert_close_rel, merge_reference, run_ranks
-from tests.support.models import full_state, make_buffered_model, make_model
+from tests.support.models import full_state, make_buffered_model
 
 FIXTURES = Path(__file__).parent / "data" / "state_v1"
 WINDOW = PMAConfig(method="wma", window=3, interval_steps=2)
@@ -96,8 +97,8 @@ def test_version_1_dcp_and_rank_files_load(tmp_path: Path) -> None:
         assert any("format 1 holds no buffers: balance" in m for m in messages), messages
     assert_bitwise_equal(result["files"], result["window"], "per-rank files equal DCP")
     assert_bitwise_equal(result["v2"], result["files"], "saved again as format 2 and reloaded")
-    header = torch.load(tmp_path / "v2" / "pma_rank00000.pt", weights_only=True)
-    assert header["version"] == 2 and "header_sha256" in header
+    index = json.loads((tmp_path / "v2" / "pma_index.json").read_text())
+    assert index["version"] == 2 and index["header"]["meta"]["format"] == 2
 
 
 class _RunsCode:
@@ -110,16 +111,29 @@ class _RunsCode:
         return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
-def test_state_files_never_run_code_and_refuse_edited_headers(tmp_path: Path) -> None:
-    model = make_model()
-    merger = Merger(model, None, PMAConfig(window=2, interval_steps=1))
-    merger.snapshot()
-    directory = merger.save(tmp_path / "state")
+def test_earlier_pt_state_files_load_never_run_code_and_refuse_edited_headers(
+    tmp_path: Path,
+) -> None:
+    """The ``.pt`` per-rank files of earlier format-2 releases (tests/data/make_state_v2_pt.py)
+    still load, and the reader of them refuses crafted and edited files."""
+    import shutil
+
+    from tests.data.make_state_v2_pt import HERE, saved_run
+
+    model, _, snapshots = saved_run()
+    directory = Path(shutil.copytree(HERE, tmp_path / "state"))
+    loaded = Merger(model, None, PMAConfig(method="sma", window=2, interval_steps=1))
+    loaded.load(directory)
+    assert loaded.num_snapshots == 3 and loaded.history == [(2, 0), (3, 0)]
+    with loaded.swapped():
+        merged = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert_close_rel(merged, merge_reference(snapshots[1:], "sma"), 1e-6, "earlier .pt save")
+
     path = directory / "pma_rank00000.pt"
     good = path.read_bytes()
     payload = torch.load(path, weights_only=True)
     marker = tmp_path / "code-ran"
-    fresh = Merger(model, None, PMAConfig(window=2, interval_steps=1))
+    fresh = Merger(model, None, PMAConfig(method="sma", window=2, interval_steps=1))
     before = full_state(model)
 
     torch.save({**payload, "extra": _RunsCode(marker)}, path)
@@ -137,7 +151,7 @@ def test_state_files_never_run_code_and_refuse_edited_headers(tmp_path: Path) ->
 
     path.write_bytes(good)
     fresh.load(directory)
-    assert fresh.num_snapshots == 1
+    assert fresh.num_snapshots == 3
 
 
 def test_inspect_reads_version_1_state() -> None:

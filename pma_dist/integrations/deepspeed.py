@@ -8,9 +8,10 @@ the same tuple. When the config has an enabled ``"pma"`` section (the keys of
   counts the step's tokens (``engine.pma.add_tokens`` per micro-batch, else
   ``tokens_per_step``) and snapshots the fp32 master partitions when one is due;
 * ``engine.save_checkpoint`` writes every rank's averaging state next to DeepSpeed's files
-  (``pma_rank*.pt`` in the tag directory, before ``latest`` names the tag);
+  (``pma_index.json`` and one file per rank in the tag directory, before ``latest`` names
+  the tag);
 * ``engine.load_checkpoint`` checks that state against this run first, then loads it,
-  resharded to this run's ranks and ZeRO stage.
+  resharded to this run's ranks and ZeRO stage; each rank reads its share once.
 
 :func:`detach` puts the engine back as it was.
 """
