@@ -60,6 +60,7 @@ bench: $(DEV)
 	$(PY) -m benchmarks.memory_per_rank --out bench_results/memory.json
 	$(PY) -m benchmarks.training_overhead --out bench_results/training.json
 	$(PY) -m benchmarks.export_throughput --out bench_results/export.json
+	$(PY) -m benchmarks.export_ranks --out bench_results/export_ranks.json
 	$(PY) -m benchmarks.scale_plan --out bench_results/scale_plan.json
 	DS_ACCELERATOR=cpu $(PY) -m benchmarks.deepspeed_overhead --out bench_results/deepspeed.json
 

@@ -31,6 +31,12 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
     return dist.get_world_size(group) if group is not None else 1
 
 
+def global_rank(group_rank: int, group: dist.ProcessGroup | None = None) -> int:
+    """The global rank of ``group_rank`` in ``group`` (itself without a process group)."""
+    group = group if group is not None else default_group()
+    return dist.get_global_rank(group, group_rank) if group is not None else group_rank
+
+
 def collective_device(group: dist.ProcessGroup, hint: torch.device) -> torch.device:
     """A device the group's backend can reduce on: ``hint`` unless it is CPU under NCCL-like
     backends, which need the current accelerator."""

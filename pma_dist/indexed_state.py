@@ -31,6 +31,7 @@ from .averaging import AveragingState
 from .backends.base import Shard
 from .errors import PMAStateError
 from .offload import chunks
+from .safetensors_io import DTYPES, write_safetensors
 from .state_files import FORMAT, Copy, bit_checksum, plan_copies
 from .state_format import FORMAT_VERSION, StateHeader, check_version
 
@@ -40,10 +41,6 @@ CHUNK_NUMEL = 1 << 15
 """Elements per checksummed chunk (128 KiB of fp32): the most a reader reads beyond its need at
 each end of a saved run."""
 MAX_HEADER_BYTES = 1 << 28
-DTYPES = {
-    torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
-}  # fmt: skip
-CODES = {code: dtype for dtype, code in DTYPES.items()}
 
 
 def file_name(save_id: str, rank: int) -> str:
@@ -97,35 +94,18 @@ def write_indexed(
 
 def _write_rank_file(path: Path, save_id: str, rank: int, slots: list[list[torch.Tensor]]) -> None:
     """A safetensors file of ``s<k>.<i>`` (slot k of shard i, flat), streamed one tensor at a
-    time, with per-chunk checksums in its metadata."""
-    entries: dict[str, Any] = {}
-    sums: dict[str, list[int]] = {}
-    offset = 0
-    for k, slot in enumerate(slots):
-        for i, tensor in enumerate(slot):
-            name = f"s{k}.{i}"
-            size = tensor.numel() * tensor.element_size()
-            entries[name] = {
-                "dtype": DTYPES[tensor.dtype],
-                "shape": [tensor.numel()],
-                "data_offsets": [offset, offset + size],
-            }
-            flat = tensor.detach().reshape(-1)
-            sums[name] = [bit_checksum(flat[part]) for part in chunks(flat.numel(), CHUNK_NUMEL)]
-            offset += size
+    time, with per-chunk checksums in its metadata; written aside, then moved into place."""
+    tensors = {
+        f"s{k}.{i}": t.reshape(-1) for k, slot in enumerate(slots) for i, t in enumerate(slot)
+    }
+    sums = {
+        name: [bit_checksum(flat[part]) for part in chunks(flat.numel(), CHUNK_NUMEL)]
+        for name, flat in tensors.items()
+    }
     meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "save_id": save_id}
     meta |= {"rank": str(rank), "chunk_numel": str(CHUNK_NUMEL), "checksums": json.dumps(sums)}
-    head = json.dumps({**entries, "__metadata__": meta}).encode()
-    head += b" " * (-len(head) % 8)
     temp = path.with_suffix(".tmp")
-    with open(temp, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        for slot in slots:
-            for tensor in slot:
-                data = tensor.detach().reshape(-1).cpu().view(torch.uint8).numpy()
-                f.write(memoryview(data))
-        f.flush()
-        os.fsync(f.fileno())
+    write_safetensors(temp, tensors, meta)
     os.replace(temp, path)
 
 
@@ -190,9 +170,9 @@ class RankFileReader:
         """The chunks of tensor ``name`` that ``spans`` (``(start, numel)`` in elements) touch,
         each read once and verified, keyed by chunk index."""
         entry = self._entries.get(name)
-        if entry is None or entry["dtype"] not in CODES:
+        if entry is None or entry["dtype"] not in DTYPES:
             raise PMAStateError(f"{self.path}: no tensor {name!r} of a known dtype")
-        dtype = CODES[entry["dtype"]]
+        dtype = DTYPES[entry["dtype"]]
         width = dtype.itemsize
         begin, end = entry["data_offsets"]
         numel = (end - begin) // width

@@ -39,6 +39,11 @@ def test_benchmark_harness_smoke(tmp_path: Path) -> None:
         ),
         ("benchmarks.memory_per_rank", ["--params-millions", "2", "--sizes", "1,2"], "rows"),
         ("benchmarks.training_overhead", ["--steps", "3"], "overhead"),
+        (
+            "benchmarks.export_ranks",
+            ["--params-millions", "17", "--ranks", "1,2", "--repeats", "1"],
+            "rows",
+        ),
     ],
 )
 def test_more_benchmark_harnesses_smoke(

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.tensor import DTensor
 
 from pma_dist import Merger, PMAConfig
 from pma_dist.export import verify_export
@@ -21,10 +22,21 @@ from pma_dist.testing import assert_bitwise_equal, assert_close_rel, run_ranks
 from tests.support.cli import run_cli
 from tests.support.hf_models import hf_batch, hf_train_step, make_hf_model, shard_hf_fsdp2
 from tests.support.models import full_state
+from tests.support.probes import counted_calls
 
 
-def _export_worker(rank: int, world_size: int, root: str, kind: str) -> dict:
-    model = shard_hf_fsdp2(make_hf_model(kind, seed=0), world_size)
+def _export_worker(rank: int, world_size: int, root: str, kind: str, replicas: int) -> dict:
+    if replicas == 1:
+        model = shard_hf_fsdp2(make_hf_model(kind, seed=0), world_size)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from pma_dist.sharding import fully_shard_blocks
+
+        model = make_hf_model(kind, seed=0)
+        shape, names = (replicas, world_size // replicas), ("replicate", "shard")
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        fully_shard_blocks(model, model.model.layers, mesh)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     merger = Merger(model, optimizer, PMAConfig(method="wma", window=3, interval_steps=1))
     for step in range(4):
@@ -36,7 +48,8 @@ def _export_worker(rank: int, world_size: int, root: str, kind: str) -> dict:
         merged = full_state(model)
     live = full_state(model)
     out = Path(root)
-    merger.export(out / "hf", max_shard_size="24KB")
+    with counted_calls((DTensor, "full_tensor")) as calls:
+        merger.export(out / "hf", max_shard_size="24KB")
     merger.export(out / "hf_bf16", dtype="bfloat16")
     merger.export(out / "dcp", format="dcp")
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -44,7 +57,10 @@ def _export_worker(rank: int, world_size: int, root: str, kind: str) -> dict:
     assert all(torch.equal(live[k], v) for k, v in full_state(model).items()), (
         "export left weights changed"
     )
-    return {"logits": logits, "merged": merged, "probe": probe} if rank == 0 else {}
+    calls = dict(calls)
+    if rank == 0:
+        return {"logits": logits, "merged": merged, "probe": probe, "calls": calls}
+    return {"calls": calls}
 
 
 def _load(path: Path):
@@ -56,12 +72,21 @@ def _load(path: Path):
 
 
 @pytest.mark.parametrize(
-    "kind, world_size", [("llama", 1), ("mixtral", 2), ("llama", 4), ("mixtral", 4)]
+    "kind, world_size, replicas",
+    [("llama", 1, 1), ("mixtral", 2, 1), ("llama", 4, 1), ("mixtral", 4, 1), ("llama", 4, 2)],
 )
 def test_export_loads_with_transformers_and_matches_swapped_logits(
-    tmp_path: Path, kind: str, world_size: int
+    tmp_path: Path, kind: str, world_size: int, replicas: int
 ) -> None:
-    result = run_ranks(_export_worker, world_size, str(tmp_path), kind)[0]
+    """Also HSDP (2 replica groups of 2): each tensor is gathered within the writer's group."""
+    results = run_ranks(_export_worker, world_size, str(tmp_path), kind, replicas)
+    result = results[0]
+    gathers = ("full_tensor", "all_gather", "all_gather_into_tensor", "all_reduce")
+    for r in results:
+        assert not any(r["calls"].get(name) for name in gathers), r["calls"]
+    sends = sum(r["calls"].get("send", 0) for r in results)
+    assert sends == sum(r["calls"].get("recv", 0) for r in results), "pieces go to writers only"
+    assert (sends > 0) == (world_size > 1), results[0]["calls"]
     for name in ("hf", "hf_bf16", "dcp"):
         assert verify_export(tmp_path / name) == [], name
 

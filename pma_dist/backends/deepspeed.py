@@ -225,7 +225,9 @@ class MasterSource:
         out.update(meta_state(self.buffers))
         return out
 
-    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, names: Iterable[str], writers=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every full master on every rank (an all-reduce of each rank's pieces), whatever
+        ``writers`` says: a flat partition's pieces are not yet sent to the writer alone."""
         import torch.distributed as dist
 
         from .. import comm

@@ -8,14 +8,16 @@ layout has no DCP form).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .base import canonical_name
+from .delivery import deliver
 
 
 class TensorSource(Protocol):
@@ -30,8 +32,12 @@ class TensorSource(Protocol):
         """Meta tensors with each tensor's full shape and dtype, for planning."""
         ...
 
-    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, full tensor)`` for ``names``, in order. Collective where sharded."""
+    def tensors(
+        self, names: Iterable[str], writers: Mapping[str, Collection[int]] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, full tensor)`` for ``names``, in order. Collective where sharded. With
+        ``writers`` (per name, the global ranks that write it), a source may hand the full
+        tensor to those ranks only and a meta tensor of its shape to the others."""
         ...
 
 
@@ -58,11 +64,17 @@ class ModuleSource:
     def meta(self) -> dict[str, torch.Tensor]:
         return meta_state(self.dcp_state)
 
-    def tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """DTensors are gathered one at a time (collective over their mesh)."""
+    def tensors(
+        self, names: Iterable[str], writers: Mapping[str, Collection[int]] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """One tensor at a time: with ``writers``, each goes to its writers only
+        (:mod:`.delivery`); without, DTensors are gathered on every rank."""
+        me = dist.get_rank() if dist.is_initialized() else 0
         with torch.no_grad():
             for name in names:
                 tensor = self.dcp_state[name]
-                if isinstance(tensor, DTensor):
+                if writers is not None:
+                    tensor = deliver(tensor, writers[name], me)
+                elif isinstance(tensor, DTensor):
                     tensor = tensor.full_tensor()
                 yield name, tensor.detach()

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .atomic import ExportError, describe_os_error, fsync_path
-from .manifest import sha256_file
+from ..safetensors_io import write_safetensors
+from .atomic import ExportError, describe_os_error
+from .progress import progress_bar
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -162,8 +162,9 @@ class HFWriter:
         self.seen: set[str] = set()
         self.written: dict[str, dict] = {}
         self.error: str | None = None
-        self._bar = _progress(len(self.mine), f"rank {rank} writing", progress)
-        self._hashing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pma-sha256")
+        self._bar = progress_bar(len(self.mine), f"rank {rank} writing", progress)
+        self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pma-export-writer")
+        self._in_flight: Future | None = None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self.error is not None:
@@ -186,28 +187,42 @@ class HFWriter:
         shape, dtype = self.plan.outputs[name]
         if tuple(tensor.shape) != shape:
             raise ExportError(f"tensor {name!r} has shape {tuple(tensor.shape)}, planned {shape}")
+        if tensor.is_meta:
+            raise ExportError(f"tensor {name!r} of this rank's file {file} was not delivered")
         self.pending.setdefault(file, {})[name] = _standalone(tensor, dtype)
         if len(self.pending[file]) == self.plan.expected_per_file[file]:
             self._write(file, self.pending.pop(file))
 
     def _write(self, file: str, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
+        """Hand a full file to the background writer, which writes, fsyncs and hashes it while
+        the next tensors are gathered; at most one file is in flight (so a rank holds at most
+        two files: that one and the one filling)."""
+        if self._in_flight is not None:
+            self._in_flight.result()
+        self._in_flight = self._disk.submit(self._write_now, file, tensors)
+        self.written[file] = self._in_flight
 
+    def _write_now(self, file: str, tensors: dict[str, torch.Tensor]) -> dict:
         path = self.directory / file
         try:
-            save_file(tensors, str(path), metadata={"format": "pt"})
-            fsync_path(path)
+            entry = write_safetensors(path, tensors, {"format": "pt"})
         except OSError as err:
             raise describe_os_error(err, path) from err
-        self.written[file] = self._hashing.submit(_entry, path)
         self._bar.update(1)
+        return entry
 
     def finish(self) -> dict[str, dict]:
         """Manifest entries of the files this rank wrote; records an error if any planned
         tensor never came."""
+        self._disk.shutdown(wait=True)
         self._bar.close()
-        self._hashing.shutdown(wait=True)
-        self.written = {file: future.result() for file, future in self.written.items()}
+        written = {}
+        for file, future in self.written.items():
+            try:
+                written[file] = future.result()
+            except ExportError as err:
+                self.error = self.error or str(err)
+        self.written = written
         if self.error is None:
             missing = sorted(set(self.plan.outputs) - self.seen)
             if missing:
@@ -231,10 +246,6 @@ def _standalone(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(tensor.shape, dtype=dtype)
     out.copy_(tensor)
     return out
-
-
-def _entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def write_index(directory: Path, plan: HFPlan) -> None:
@@ -272,21 +283,3 @@ def write_model_files(
         generation_config.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not (enabled and total and sys.stderr.isatty()):
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc=desc, unit="file")

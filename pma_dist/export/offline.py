@@ -107,7 +107,8 @@ class OfflineSource:
             out[name] = torch.empty(shape, dtype=dtype, device="meta")
         return out
 
-    def tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, names: list[str], writers=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, read in this process (offline conversion has one writer)."""
         for name in names:
             if self._averaged(name):
                 yield name, self._merge(name)

@@ -27,6 +27,8 @@ from .hf import (
 from .sources import model_source
 
 FORMATS = ("hf", "dcp")
+Writers = Mapping[str, set[int]]
+"""Per source tensor, the global ranks that write it."""
 
 
 def export_model(
@@ -83,8 +85,9 @@ def export_model(
     meta, original_name = _renamed(source.meta(), rename)
     architecture = _architecture(source.module, config)
 
-    def tensors(names: list[str]) -> Iterable[tuple[str, torch.Tensor]]:
-        originals = source.tensors([original_name[n] for n in names])
+    def tensors(names: list[str], writers: Writers) -> Iterable[tuple[str, torch.Tensor]]:
+        by_original = {original_name[n]: ranks for n, ranks in writers.items()}
+        originals = source.tensors([original_name[n] for n in names], by_original)
         return ((new, t) for new, (_, t) in zip(names, originals))
 
     return write_hf(
@@ -127,6 +130,19 @@ def _architecture(module: nn.Module, config: Any) -> nn.Module | None:
         return AutoModelForCausalLM.from_config(config)
 
 
+def writer_ranks(
+    plan: HFPlan, meta: dict[str, torch.Tensor], convert, world: int, group
+) -> Writers:
+    """Per source tensor, the global ranks that write a file holding any of its outputs (file
+    i is written by rank i mod world), found by converting its meta tensor."""
+    owner = {file: i % world for i, file in enumerate(plan.files)}
+    out = {}
+    for name in plan.sources:
+        files = {plan.file_of[o] for o in convert(name, meta[name]) if o in plan.file_of}
+        out[name] = {comm.global_rank(owner[f], group) for f in files}
+    return out
+
+
 def stream_hf(
     plan: HFPlan,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -136,7 +152,8 @@ def stream_hf(
     convert,
     progress: bool,
 ) -> dict:
-    """Feed ``tensors`` (full, in plan order) to this rank's writer; the writer's error, if any.
+    """Feed ``tensors`` (in plan order: full on the ranks that write them, meta elsewhere) to
+    this rank's writer; the writer's error, if any.
 
     The walk over ``tensors`` continues after a write error so that collective gathers stay
     in step on every rank.
@@ -246,7 +263,7 @@ class HFOptions:
 def write_hf(
     path: Path,
     meta: dict[str, torch.Tensor],
-    tensors: Callable[[list[str]], Iterable[tuple[str, torch.Tensor]]],
+    tensors: Callable[[list[str], Writers], Iterable[tuple[str, torch.Tensor]]],
     architecture: nn.Module | None,
     options: HFOptions,
     model_files: tuple[Any, Any, Any],
@@ -269,7 +286,7 @@ def write_hf(
     rank, world = (0, 1) if single_process else (comm.rank(group), comm.world_size(group))
 
     def body(temp: Path) -> dict:
-        stream = tensors(plan.sources)
+        stream = tensors(plan.sources, writer_ranks(plan, meta, convert, world, group))
         return stream_hf(plan, stream, temp, rank, world, convert, options.progress)
 
     def seal(temp: Path) -> None:

@@ -30,9 +30,10 @@ def judged_snapshot(merger: Merger) -> bool:
 
 
 @contextmanager
-def counted_calls() -> Iterator[Counter]:
+def counted_calls(*extra: tuple[object, str]) -> Iterator[Counter]:
     """Count calls of every ``torch.distributed`` collective and every ``Tensor`` method that
-    waits for a device's result, made inside the block."""
+    waits for a device's result (and of the ``(owner, name)`` functions in ``extra``), made
+    inside the block."""
     calls: Counter = Counter()
     originals = []
 
@@ -50,6 +51,8 @@ def counted_calls() -> Iterator[Counter]:
         counting(dist, name)
     for name in HOST_SYNCS:
         counting(torch.Tensor, name)
+    for owner, name in extra:
+        counting(owner, name)
     try:
         yield calls
     finally:
