@@ -107,9 +107,11 @@ class AveragingState:
         alpha: float,
         weights: Sequence[float] | None = None,
         last: int | None = None,
+        stride: int | None = None,
     ) -> list[float]:
         """One weight per merged snapshot, oldest first (see :func:`resolve_weights`)."""
-        return resolve_weights(len(self.logical_slots()), method, alpha, weights, last)
+        n = len(self.logical_slots())
+        return resolve_weights(n, method, alpha, weights, last, stride)
 
     def next_slot(self) -> int:
         """The physical slot the next snapshot is written to."""
@@ -257,11 +259,13 @@ class RunningAverage(AveragingState):
         alpha: float,
         weights: Sequence[float] | None = None,
         last: int | None = None,
+        stride: int | None = None,
     ) -> list[float]:
-        if weights is not None or last is not None or method != self.method:
+        chosen = (weights, last, stride)
+        if any(x is not None for x in chosen) or method != self.method:
             raise ValueError(
                 f"running mode (pma.window = null) keeps a single {self.method!r} average; "
-                f"method={method!r}/weights/last need window mode (pma.window = N)"
+                f"method={method!r}/weights/last/stride need window mode (pma.window = N)"
             )
         return [1.0]
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .config import PMAConfig, PMAConfigError
+from .config import METHODS, PMAConfig, PMAConfigError
 from .export.atomic import ExportError
 
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("source", help="DCP directory: a pma_dist DCP export or a checkpoint")
     export.add_argument("out", help="Hugging Face directory to write (replaced atomically)")
     export.add_argument("--config", required=True, help="config.json, or a directory holding it")
-    export.add_argument("--method", choices=["sma", "wma", "ema"], help="merge (window mode)")
+    export.add_argument("--method", choices=METHODS, help="merge (window mode)")
     export.add_argument("--dtype", help="cast the weights, e.g. bfloat16")
     export.add_argument("--pma-key", default="pma", help="key the Merger was saved under")
     export.add_argument("--model-key", default="model", help="key the model was saved under")

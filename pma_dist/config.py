@@ -16,7 +16,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-METHODS = ("sma", "wma", "ema")
+RUNNING_METHODS = ("sma", "wma", "ema")
+"""Methods a running average can fold with."""
+DECAY_METHODS = ("linear", "cosine", "minus_sqrt")
+"""Decay-shaped merges (window mode only): see :func:`pma_dist.weights.decay_weights`."""
+METHODS = RUNNING_METHODS + DECAY_METHODS
 OFFLOAD = ("none", "cpu")
 ON_NONFINITE = ("skip", "raise", "ignore")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -39,8 +43,10 @@ class PMAConfig:
     method: str = "sma"
     """How snapshots are weighted: ``"sma"`` (equal), ``"wma"`` (snapshot i of N weighs i,
     later ones heavier) or ``"ema"`` (recursive, smoothing factor ``ema_alpha``). The paper finds
-    WMA/EMA better early in training and SMA the robust default later. In window mode this is
-    only the default for merges: any method can be asked for at merge time from the same ring."""
+    WMA/EMA better early in training and SMA the robust default later. Window mode also has the
+    decay-shaped merges ``"linear"`` (equal to SMA), ``"cosine"`` and ``"minus_sqrt"``: the
+    window's updates replayed under that learning-rate decay (WSM, arXiv 2507.17634). In window
+    mode this is only the default for merges: any method can be asked for at merge time."""
 
     window: int | None = 10
     """N, the number of most recent snapshots averaged (the paper's usual choice is 10). Keeps N
@@ -123,6 +129,12 @@ class PMAConfig:
                 problems.append(f"pma.{key} = {getattr(self, key)!r}: {allowed}")
 
         check("method", self.method in METHODS, f"must be one of {', '.join(METHODS)}")
+        check(
+            "method",
+            self.window is not None or self.method not in DECAY_METHODS,
+            "decay-shaped merges need window mode (pma.window = N); running mode folds with "
+            f"{', '.join(RUNNING_METHODS)}",
+        )
         check(
             "window",
             self.window is None or _is_int(self.window) and self.window >= 1,

@@ -45,18 +45,25 @@ class Readouts:
 
     @contextmanager
     def swapped(
-        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
+        self,
+        method: str | None = None,
+        weights: Weights = None,
+        *,
+        last: int | None = None,
+        stride: int | None = None,
     ) -> Iterator[Readouts]:
         """Put the merged weights into the live parameters for the body; restore them bitwise.
 
-        ``method`` picks a weighting in window mode (``"sma"``, ``"wma"``, ``"ema"``);
-        ``weights`` gives one weight per snapshot held, oldest first (normalized); ``last=k``
-        merges the newest k only. Enter it on every rank: under DeepSpeed pushing the master
-        to the working weights is collective, and an FSDP2 forward inside the body is too.
+        ``method`` picks a weighting in window mode (``"sma"``, ``"wma"``, ``"ema"``, or a
+        decay-shaped ``"linear"``, ``"cosine"``, ``"minus_sqrt"``); ``weights`` gives one weight
+        per snapshot held, oldest first (normalized); ``last=k`` merges the newest k only and
+        ``stride=s`` every s-th of them (N = k, V = s x interval, from the same ring; see
+        :meth:`selection`). Enter it on every rank: under DeepSpeed pushing the master to the
+        working weights is collective, and an FSDP2 forward inside the body is too.
         """
         if self._swap_active:
             raise RuntimeError("Merger.swapped() is already active; swaps do not nest")
-        resolved = self._weights(method, weights, last)
+        resolved = self._weights(method, weights, last, stride)
         self._swap_active = True
         try:
             with swap.swapped_in(self.backend, self._state, resolved, self.config.offload):
@@ -65,20 +72,40 @@ class Readouts:
             self._swap_active = False
 
     def apply(
-        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
+        self,
+        method: str | None = None,
+        weights: Weights = None,
+        *,
+        last: int | None = None,
+        stride: int | None = None,
     ) -> None:
         """Overwrite the live parameters (and averaged buffers) with the merge (PMA-init,
         recovery), as in :meth:`swapped`; the optimizer and averaging state are kept."""
         if self._swap_active:
             raise RuntimeError("Merger.apply() inside swapped(): leave the swap first")
-        swap.apply_merge(self.backend, self._state, self._weights(method, weights, last))
+        resolved = self._weights(method, weights, last, stride)
+        swap.apply_merge(self.backend, self._state, resolved)
+
+    def selection(
+        self, last: int | None = None, stride: int | None = None
+    ) -> list[tuple[int, int]]:
+        """``(step, tokens)`` of the snapshots a merge with ``last``/``stride`` uses, oldest
+        first: their recorded spacing is the real V (skips and token-grid jumps make it differ
+        from ``stride`` x interval). Collective when snapshots are pending."""
+        resolved = self._weights(None, None, last, stride)
+        return [h for h, w in zip(self.history, resolved) if w != 0]
 
     def merged_shards(
-        self, method: str | None = None, weights: Weights = None, *, last: int | None = None
+        self,
+        method: str | None = None,
+        weights: Weights = None,
+        *,
+        last: int | None = None,
+        stride: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """The merged local shards as new tensors in the accumulation dtype, keyed by name.
         Collective when snapshots are pending (:meth:`agree`)."""
-        resolved = self._weights(method, weights, last)
+        resolved = self._weights(method, weights, last, stride)
         shards = [s.local for s in self.backend.shards()]
         out = [torch.empty(t.shape, dtype=self._state.dtype, device=t.device) for t in shards]
         self._state.merge_into(out, resolved)
@@ -93,6 +120,7 @@ class Readouts:
         *,
         weights: Weights = None,
         last: int | None = None,
+        stride: int | None = None,
         **options: Any,
     ) -> Path:
         """Write the merged model to ``path`` (``"hf"`` safetensors or ``"dcp"``). Collective.
@@ -103,14 +131,15 @@ class Readouts:
         """
         from .export import export_model
 
-        self.agree()
-        merged = self.history[-last:] if last else self.history
+        resolved = self._weights(method, weights, last, stride)
+        merged = [h for h, w in zip(self.history, resolved) if w != 0]
         info = {
             "method": "weights" if weights is not None else method or self.config.method,
             **{"mode": self._state.mode, "num_snapshots": self.num_snapshots},
             **{"window_size": len(merged), "history": [list(h) for h in merged]},
+            "spacing_tokens": [b[1] - a[1] for a, b in zip(merged, merged[1:])],
         }
-        with self.swapped(method, weights, last=last):
+        with self.swapped(method, weights, last=last, stride=stride):
             return export_model(
                 self._model,
                 path,
@@ -122,7 +151,9 @@ class Readouts:
                 **options,
             )
 
-    def _weights(self, method: str | None, weights: Weights, last: int | None) -> list[float]:
+    def _weights(
+        self, method: str | None, weights: Weights, last: int | None, stride: int | None = None
+    ) -> list[float]:
         if method is not None and weights is not None:
             raise ValueError("pass method= or weights=, not both")
         self.agree()
@@ -131,6 +162,5 @@ class Readouts:
                 "no PMA snapshot has been taken yet: nothing to merge (the first one is due at "
                 f"{self.schedule.next_due} {self.schedule.unit})"
             )
-        return self._state.weights(
-            method or self.config.method, self.config.ema_alpha, weights, last
-        )
+        method = method or self.config.method
+        return self._state.weights(method, self.config.ema_alpha, weights, last, stride)

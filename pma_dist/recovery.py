@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm
+from .config import METHODS
 from .merger import Merger
 from .optimizers import unwrap_optimizer
 
@@ -64,8 +65,8 @@ class SpikeGuardConfig:
             )
         if self.last_k is not None and self.last_k < 1:
             problems.append(f"last_k = {self.last_k!r}: must be a positive integer or None")
-        if self.method not in ("sma", "wma", "ema"):
-            problems.append(f"method = {self.method!r}: must be one of sma, wma, ema")
+        if self.method not in METHODS:
+            problems.append(f"method = {self.method!r}: must be one of {', '.join(METHODS)}")
         if self.max_recoveries < 0:
             problems.append(f"max_recoveries = {self.max_recoveries!r}: must be >= 0")
         if problems:

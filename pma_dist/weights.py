@@ -1,12 +1,34 @@
-"""Snapshot weights: SMA, WMA and EMA over a window, the running-mode lerp weights, user
-weights, and the resolution of a merge request to one weight per held snapshot. Pure Python."""
+"""Snapshot weights: SMA, WMA, EMA and decay-shaped merges over a window, the running-mode lerp
+weights, user weights, and the resolution of a merge request (which snapshots, which weights)
+to one weight per held snapshot. Pure Python."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-from .config import METHODS
+from .config import DECAY_METHODS, METHODS
+
+DECAYS = {
+    "linear": lambda x: 1.0 - x,
+    "cosine": lambda x: (1.0 + math.cos(math.pi * x)) / 2.0,
+    "minus_sqrt": lambda x: 1.0 - math.sqrt(x),
+}
+"""Learning-rate decay shapes f on [0, 1], from f(0) = 1 to f(1) = 0."""
+
+
+def decay_weights(method: str, n: int) -> list[float]:
+    """Weights of ``n`` snapshots, oldest first, that replay the window's updates under the
+    decay ``DECAYS[method]``.
+
+    With snapshots theta_1..theta_n a constant learning rate apart, decaying the rate by f over
+    the window gives theta_1 + sum_{j=1}^{n-1} f(j/n) (theta_{j+1} - theta_j). Collecting the
+    terms of each snapshot gives sum_k c_k theta_k with c_k = f((k-1)/n) - f(k/n) (theta_1
+    keeps f(0) - f(1/n), theta_n gets f((n-1)/n) - f(1)), and the c_k sum to f(0) - f(1) = 1.
+    ``linear`` (f = 1 - x) is exactly SMA.
+    """
+    f = DECAYS[method]
+    return [f((k - 1) / n) - f(k / n) for k in range(1, n + 1)]
 
 
 def window_weights(method: str, n: int, alpha: float = 0.2) -> list[float]:
@@ -24,7 +46,9 @@ def window_weights(method: str, n: int, alpha: float = 0.2) -> list[float]:
         return [i / total for i in range(1, n + 1)]
     if method == "ema":
         return [(1 - alpha) ** (n - 1)] + [alpha * (1 - alpha) ** (n - i) for i in range(2, n + 1)]
-    raise ValueError(f"method={method!r}: must be one of sma, wma, ema")
+    if method in DECAY_METHODS:
+        return decay_weights(method, n)
+    raise ValueError(f"method={method!r}: must be one of {', '.join(METHODS)}")
 
 
 def running_weight(method: str, k: int, alpha: float = 0.2) -> float:
@@ -60,17 +84,30 @@ def resolve_weights(
     alpha: float,
     weights: Sequence[float] | None = None,
     last: int | None = None,
+    stride: int | None = None,
 ) -> list[float]:
-    """One weight per held snapshot (``n``, oldest first) for a merge by ``method`` over all of
-    them, by ``method`` over the newest ``last`` (older ones weigh zero and are never read), or
-    by explicit ``weights`` (normalized)."""
-    if last is not None and weights is not None:
-        raise ValueError("pass last= or weights=, not both (give zero weights instead)")
+    """One weight per held snapshot (``n``, oldest first): by ``method`` over the newest
+    ``last`` snapshots taken every ``stride``-th (N = last, V = stride x interval, from one
+    ring; the others weigh zero and are never read), or by explicit ``weights`` (normalized).
+    ``last`` defaults to as many as fit at ``stride`` (all of them at stride 1)."""
+    if weights is not None and (last is not None or stride is not None):
+        raise ValueError("pass last=/stride= or weights=, not both (give zero weights instead)")
     if method not in METHODS:
         raise ValueError(f"method={method!r}: must be one of {', '.join(METHODS)}")
     if weights is not None:
         return normalized_weights(weights, n)
-    k = n if last is None else last
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"last={last!r}: must be an integer in [1, {n}] (snapshots held)")
-    return [0.0] * (n - k) + window_weights(method, k, alpha)
+    step = 1 if stride is None else stride
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"stride={stride!r}: must be a positive integer")
+    most = (n - 1) // step + 1 if n else 0
+    k = most if last is None else last
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most:
+        at = f", at stride {step} the newest {most} fit" if step > 1 else ""
+        raise ValueError(
+            f"last={last!r}: must be an integer in [1, {most}] ({n} snapshots held{at}: "
+            f"last snapshots every stride-th span (last - 1) * stride + 1)"
+        )
+    out = [0.0] * n
+    for i, weight in enumerate(window_weights(method, k, alpha)):
+        out[n - 1 - (k - 1 - i) * step] = weight
+    return out
