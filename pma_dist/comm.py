@@ -6,6 +6,7 @@ same code serves a one-GPU run, a unit test and a 1000-rank job.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -62,6 +63,29 @@ def all_true_each(flags: torch.Tensor, group: dist.ProcessGroup | None = None) -
         value = value.to(collective_device(group, value.device))
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
     return [bool(v) for v in value.tolist()]
+
+
+def mean_over_ranks(
+    values: Sequence[float | torch.Tensor], group: dist.ProcessGroup | None = None
+) -> list[float]:
+    """The mean over ranks of each value (numbers, or 0-dim tensors left where they were
+    computed), in float64: one all-reduce where the first tensor lives and one host sync."""
+    group = group if group is not None else default_group()
+    where = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    if group is not None:
+        where = collective_device(group, where)
+    stacked = torch.stack(
+        [
+            torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v)
+            .to(where, torch.float64)
+            .reshape(())
+            for v in values
+        ]
+    )
+    if group is not None:
+        dist.all_reduce(stacked, group=group)
+        stacked /= dist.get_world_size(group)
+    return stacked.tolist()
 
 
 def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:

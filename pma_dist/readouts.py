@@ -86,6 +86,27 @@ class Readouts:
         resolved = self._weights(method, weights, last, stride)
         swap.apply_merge(self.backend, self._state, resolved)
 
+    def weights_for(
+        self,
+        method: str | None = None,
+        weights: Weights = None,
+        *,
+        last: int | None = None,
+        stride: int | None = None,
+    ) -> list[float]:
+        """The weight of each held snapshot (oldest first, see :attr:`history`) in the merge
+        these arguments ask for. Collective when snapshots are pending."""
+        return self._weights(method, weights, last, stride)
+
+    def select(self, evaluate, candidates=None, **then: Any):
+        """Rank candidate merges (default: methods x N x stride from the ring) by the loss
+        ``evaluate()`` returns with each swapped in, averaged over ranks, against the live
+        model; ``apply_best=True`` or ``export_best=path`` act on the winner. Collective:
+        every rank calls it. See :func:`pma_dist.selection.select`."""
+        from .selection import select
+
+        return select(self, evaluate, candidates, **then)
+
     def selection(
         self, last: int | None = None, stride: int | None = None
     ) -> list[tuple[int, int]]:

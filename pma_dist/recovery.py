@@ -18,7 +18,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from . import comm
 from .config import METHODS
@@ -113,16 +112,8 @@ class SpikeGuard:
     def _global(self, loss, grad_norm) -> tuple[float, float | None]:
         """Loss and grad norm averaged over the ranks: one all-reduce where the loss lives and
         one host sync, so a device loss is read once per step."""
-        group = self.merger.process_group or comm.default_group()
-        where = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
-        if group is not None:
-            where = comm.collective_device(group, where)
         norm = float("nan") if grad_norm is None else grad_norm
-        values = torch.stack([_scalar(loss, where), _scalar(norm, where)])
-        if group is not None:
-            dist.all_reduce(values, group=group)
-            values /= dist.get_world_size(group)
-        mean_loss, mean_norm = values.tolist()
+        mean_loss, mean_norm = comm.mean_over_ranks([loss, norm], self.merger.process_group)
         return mean_loss, (None if grad_norm is None else mean_norm)
 
     def _threshold(self, recent: deque, factor: float | None = None) -> float | None:
@@ -164,9 +155,3 @@ class SpikeGuard:
 def _reset_state(optimizer) -> None:
     """Forget the optimizer's per-parameter state (moments and step counts)."""
     unwrap_optimizer(optimizer).state.clear()
-
-
-def _scalar(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        value = value.detach()
-    return torch.as_tensor(value, dtype=torch.float64, device=device).reshape(())

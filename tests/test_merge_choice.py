@@ -82,3 +82,62 @@ def test_decay_shapes_need_the_window() -> None:
     running.snapshot()
     with pytest.raises(ValueError, match="need window mode"):
         running.merged_shards(stride=2)
+
+
+def _reference_weights(method: str, k: int, alpha: float = 0.2) -> list[float]:
+    if method == "sma":
+        return [1 / k] * k
+    if method == "wma":
+        return [i / (k * (k + 1) / 2) for i in range(1, k + 1)]
+    if method == "ema":
+        return [(1 - alpha) ** (k - 1)] + [alpha * (1 - alpha) ** (k - i) for i in range(2, k + 1)]
+    f = DECAYS[method]
+    return [f((i - 1) / k) - f(i / k) for i in range(1, k + 1)]
+
+
+def test_select_ranks_candidates_on_held_out_loss() -> None:
+    from pma_dist.selection import Candidate
+
+    model, merger, snapshots = _run()
+    target = {n: sum(s[n] for s in snapshots[2:]) / 4 for n in snapshots[0]}
+
+    def distance(state) -> float:
+        return float(sum(((state[n].double() - target[n]) ** 2).sum() for n in target))
+
+    def evaluate() -> float:
+        return distance({n: p.detach() for n, p in model.named_parameters()})
+
+    live = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = merger.select(evaluate)
+    assert all(torch.equal(p, live[n]) for n, p in model.named_parameters()), "restored"
+    assert result.best == Candidate("sma", 4, 1), result.table()
+    assert abs(result.baseline - distance(snapshots[-1])) < 1e-4
+    for candidate, loss in result.rows:
+        k, s = candidate.last, candidate.stride
+        chosen = [snapshots[len(snapshots) - 1 - (k - 1 - i) * s] for i in range(k)]
+        weights = _reference_weights(candidate.method, k)
+        merged = {n: sum(w * c[n] for w, c in zip(weights, chosen)) for n in target}
+        assert abs(loss - distance(merged)) < 1e-4, (str(candidate), loss, distance(merged))
+    assert [c.last for c, _ in result.rows].count(1) == 1, "N = 1 is the same for every method"
+    assert all(a[1] <= b[1] for a, b in zip(result.rows, result.rows[1:])), "best first"
+    merger.select(evaluate, [Candidate("wma", 3, 2), Candidate("sma", 4)], apply_best=True)
+    best = merger.merged_shards("sma", last=4)
+    assert all(torch.equal(p.detach(), best[n]) for n, p in model.named_parameters()), "applied"
+
+
+def _select_worker(rank: int, world_size: int) -> dict:
+    from tests.support.models import shard_fsdp2
+
+    model = shard_fsdp2(make_model(), world_size)
+    merger = Merger(model, None, PMAConfig(window=4, interval_steps=1))
+    for _ in range(4):
+        merger.snapshot()
+    result = merger.select(lambda: torch.tensor(float(rank)))
+    return {"baseline": result.baseline, "losses": [loss for _, loss in result.rows]}
+
+
+def test_select_averages_the_loss_over_ranks() -> None:
+    from pma_dist.testing import run_ranks
+
+    for r in run_ranks(_select_worker, 2):
+        assert r["baseline"] == 0.5 and set(r["losses"]) == {0.5}, r
