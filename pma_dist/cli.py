@@ -81,6 +81,7 @@ def _plan(args: argparse.Namespace) -> int:
         rank=args.rank,
         window=window,
         offload=args.offload,
+        experts_dim=args.experts_dim,
     )
     print(json.dumps(asdict(result), indent=2) if args.json else describe(result))
     return 0
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--rank", type=int, default=0, help="the rank to simulate")
     planner.add_argument("--window", type=_window, default="10", help="N, or 'running'")
     planner.add_argument("--offload", choices=["none", "cpu"], default="none")
+    planner.add_argument(
+        "--experts-dim", type=int, choices=[0, 1], default=1,
+        help="shard grouped-expert tensors within experts (1) or by expert (0)",
+    )  # fmt: skip
     planner.add_argument("--json", action="store_true", help="print the figures as JSON")
     planner.set_defaults(run=_plan)
     return parser

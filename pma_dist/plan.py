@@ -48,6 +48,8 @@ class Plan:
     """Snapshots held (None: running mode, one slot)."""
     offload: str
     """Where the slots live: ``"none"`` (beside the parameters) or ``"cpu"``."""
+    experts_dim: int
+    """The dimension grouped-expert tensors are sharded on."""
     total_params: int
     """Parameters of the whole model."""
     local_params: int
@@ -134,9 +136,13 @@ def plan(
     window: int | None = 10,
     offload: str = "none",
     max_shard_size: int = 5 * 10**9,
+    experts_dim: int = 1,
 ) -> Plan:
-    """The per-rank figures of a Merger on ``model`` sharded over ``world`` ranks."""
+    """The per-rank figures of a Merger on ``model`` sharded over ``world`` ranks. Three-
+    dimensional (grouped-expert) tensors are sharded on ``experts_dim`` (1: within each
+    expert, as MoE runs do once ranks outnumber experts; 0: by expert, FSDP2's default)."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
 
     from .config import PMAConfig
     from .merger import Merger
@@ -153,7 +159,11 @@ def plan(
         shape = (replicas, world // replicas) if replicas > 1 else (world,)
         names = ("replicate", "shard") if replicas > 1 else ("shard",)
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
-        fully_shard_blocks(module, module.model.layers, mesh)
+
+        def placement(param: nn.Parameter) -> Shard:
+            return Shard(experts_dim if param.ndim == 3 else 0)
+
+        fully_shard_blocks(module, module.model.layers, mesh, shard_placement_fn=placement)
         # Slots stay on the meta device whatever ``offload`` says: their bytes are the same.
         merger = Merger(module, None, PMAConfig(window=window, interval_steps=1))
         shards = [s for s in merger.backend.shards() if not s.buffer]
@@ -170,6 +180,7 @@ def plan(
             rank=rank,
             window=window,
             offload=offload,
+            experts_dim=experts_dim,
             total_params=total,
             local_params=sum(real),
             state_bytes_per_rank=merger.state_bytes,

@@ -60,9 +60,13 @@ def test_cli_plans_an_moe_and_names_bad_input(tmp_path) -> None:
         "suggested_interval_tokens",
     ):
         assert figures[key] > 0, key
-    # Experts are one [8, 2I, H] tensor each: sharded on dim 0 over 64 ranks, rank 0 holds one.
-    experts = 56 * 8 * 3 * 16384 * 6144
-    assert figures["local_params"] > experts / 8, "rank 0 holds a whole expert per layer"
+    share = figures["total_params"] / 64
+    assert share <= figures["local_params"] < 1.02 * share, "experts sharded within experts"
+    # Sharded by expert ([8, 2I, H] on dim 0 over 64 ranks), rank 0 holds a whole expert.
+    by_expert = run_cli("plan", "--model", "mixtral-8x22b", "--world", "64", "--experts-dim", "0")
+    assert by_expert.returncode == 0, by_expert.stderr
+    local = float(by_expert.stdout.split("local_params")[1].split()[0])
+    assert local > 56 * 3 * 16384 * 6144, "a whole expert of every layer"
     bad = run_cli("plan", "--model", str(tmp_path / "missing"), "--world", "8")
     assert bad.returncode == 2 and "not a shipped architecture" in bad.stderr, bad.stderr
     uneven = run_cli("plan", "--model", "llama3-70b", "--world", "10", "--replicas", "3")

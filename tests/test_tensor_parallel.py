@@ -1,15 +1,31 @@
-"""Tensor parallelism that splits columns is refused when the Merger is built, naming the
-parameter and its placement, instead of failing at the first save."""
+"""Parameters sharded on a dimension other than 0: tensor parallelism that splits columns
+(``RowwiseParallel`` weights are ``Shard(1)``) and MoE expert tensors ``[experts, 2I, H]`` that
+FSDP2 shards on dimension 1 (``shard_placement_fn``, as MoE runs do once there are more ranks
+than experts). A rank's shard is then a box of the parameter: one run per leading index. The
+merges equal float64 from the gathered snapshots, per-rank files reload them bitwise, and the
+HF export (each piece sent to its writer) loads with transformers."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from torch.distributed.tensor import DTensor
 
 from pma_dist import Merger, PMAConfig
-from pma_dist.testing import run_ranks
+from pma_dist.testing import assert_bitwise_equal, assert_close_rel, run_ranks, window_reference
+
+SNAPSHOTS = 3
 
 
-def _worker(rank: int, world_size: int) -> str:
+def _full(model) -> dict[str, torch.Tensor]:
+    return {
+        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for n, p in model.named_parameters()
+    }
+
+
+def _tp_model(world_size: int):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import (
@@ -20,18 +36,86 @@ def _worker(rank: int, world_size: int) -> str:
 
     mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    model = torch.nn.Sequential(torch.nn.Linear(9, 14), torch.nn.ReLU(), torch.nn.Linear(14, 7))
     parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    fully_shard(model, mesh=mesh["dp"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    try:
-        Merger(model, optimizer, PMAConfig(window=2, interval_steps=1))
-    except TypeError as err:
-        return str(err)
-    return "accepted"
+    return fully_shard(model, mesh=mesh["dp"])
 
 
-def test_column_sharded_parameters_are_refused_at_construction() -> None:
-    for message in run_ranks(_worker, 2):
-        assert "parameter '2.weight' is sharded on dimension 1" in message, message
-        assert "Shard(dim=1)" in message and "'tp'" in message, message
+def _moe_model(world_size: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from tests.support.hf_models import make_hf_model
+
+    model = make_hf_model("mixtral", seed=0)
+    mesh = init_device_mesh("cpu", (world_size,))
+
+    def placement(param):
+        return Shard(1) if param.ndim == 3 else Shard(0)
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, shard_placement_fn=placement)
+    return fully_shard(model, mesh=mesh)
+
+
+def _worker(rank: int, world_size: int, root: str, kind: str) -> dict:
+    model = _tp_model(world_size) if kind == "tp" else _moe_model(world_size)
+    merger = Merger(model, None, PMAConfig(method="wma", window=SNAPSHOTS, interval_steps=1))
+    out = {"placements": sorted({str(p.placements) for p in model.parameters()})}
+    snapshots = []
+    for step in range(SNAPSHOTS):
+        with torch.no_grad():
+            for p in model.parameters():
+                local = p.to_local()
+                local.copy_(local * 1.01 + 0.01 * (step + 1) * (rank + 1))
+        merger.snapshot()
+        snapshots.append(_full(model))
+    with merger.swapped():
+        merged = _full(model)
+    merger.save(Path(root) / "state")
+    again = Merger(model, None, PMAConfig(method="wma", window=SNAPSHOTS, interval_steps=1))
+    again.load(Path(root) / "state")
+    with again.swapped():
+        out["reloaded"] = _full(model)
+    merger.export(Path(root) / "hf")
+    if rank == 0:
+        out.update(snapshots=snapshots, merged=merged)
+    return out
+
+
+def _check(tmp_path: Path, kind: str) -> dict:
+    from tests.support.hf_models import make_hf_model
+
+    result = run_ranks(_worker, 2, str(tmp_path), kind)[0]
+    assert any("Shard(dim=1)" in p for p in result["placements"]), result["placements"]
+    expected = window_reference(result["snapshots"], SNAPSHOTS, "wma")
+    assert_close_rel(result["merged"], expected, 1e-6, f"{kind} merge")
+    assert_bitwise_equal(result["reloaded"], result["merged"], f"{kind} per-rank files")
+    whole = torch.nn.Sequential(torch.nn.Linear(9, 14), torch.nn.ReLU(), torch.nn.Linear(14, 7))
+    whole = whole if kind == "tp" else make_hf_model("mixtral", seed=0)
+    unsharded = Merger(whole, None, PMAConfig(method="wma", window=SNAPSHOTS, interval_steps=1))
+    unsharded.load(tmp_path / "state")
+    merged = {k: v for k, v in unsharded.merged_shards().items() if k in result["merged"]}
+    assert_bitwise_equal(merged, result["merged"], f"{kind} state resharded to whole tensors")
+    return result
+
+
+def test_column_sharded_tensor_parallel_weights_average(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    result = _check(tmp_path, "tp")
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert_bitwise_equal(exported, result["merged"], "tp export")
+
+
+def test_moe_experts_sharded_on_dimension_1_average_and_export(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    result = _check(tmp_path, "moe")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    merged = result["merged"]
+    assert ".experts.gate_up_proj" in " ".join(merged)
+    state = {k: v for k, v in loaded.items() if k in merged}
+    assert set(state) == set(merged) - {"lm_head.weight"} or set(state) == set(merged)
+    assert_bitwise_equal(state, {k: merged[k] for k in state}, "moe export")

@@ -1,10 +1,11 @@
 """Full tensors delivered only to the ranks that write them, for export.
 
-A row-sharded DTensor (``Shard(0)`` on one mesh dimension, ``Replicate`` on the others: FSDP2,
-and HSDP with its replica groups) reaches each writer piece by piece from the ranks of the
-writer's own slice of that dimension: each of them sends its rows once, point to point, and
-keeps nothing; the writer receives one piece at a time into the full tensor in host memory
-(on an accelerator, through a buffer of one piece). Ranks outside the writer's slice take no
+A DTensor sharded on one mesh dimension (``Shard(d)`` there, ``Replicate`` on the others: FSDP2,
+HSDP with its replica groups, experts sharded on dimension 1) reaches each writer piece by piece
+from the ranks of the writer's own slice of that mesh dimension: each of them sends its piece
+once, point to point, and keeps nothing; the writer receives one piece at a time into the full
+tensor in host memory (through a buffer of one piece where the piece is not contiguous there,
+or lives on an accelerator). Ranks outside the writer's slice take no
 part. Replicated tensors need no communication. Any other layout falls back to
 ``full_tensor()`` on every rank.
 """
@@ -33,7 +34,7 @@ def deliver(tensor: torch.Tensor, writers: Collection[int], me: int) -> torch.Te
     sharded = [i for i, p in enumerate(placements) if not p.is_replicate()]
     if not sharded:
         return tensor.to_local() if me in writers else meta_like(tensor)
-    if len(sharded) > 1 or not placements[sharded[0]].is_shard(0):
+    if len(sharded) > 1 or not placements[sharded[0]].is_shard():
         full = tensor.full_tensor()
         return full if me in writers else meta_like(tensor)
     if tensor.device_mesh.size(sharded[0]) == 1:
@@ -41,41 +42,46 @@ def deliver(tensor: torch.Tensor, writers: Collection[int], me: int) -> torch.Te
     group = tensor.device_mesh.get_group(sharded[0])
     members = dist.get_process_group_ranks(group)
     out = meta_like(tensor)
+    dim = placements[sharded[0]].dim
     for writer in sorted(w for w in writers if w in members):
-        received = _gather_rows(tensor, group, members, writer, me)
+        received = _gather_pieces(tensor, dim, group, members, writer, me)
         if received is not None:
             out = received
     return out
 
 
-def _gather_rows(
-    tensor: DTensor, group: dist.ProcessGroup, members: list[int], writer: int, me: int
+def _gather_pieces(
+    tensor: DTensor,
+    dim: int,
+    group: dist.ProcessGroup,
+    members: list[int],
+    writer: int,
+    me: int,
 ) -> torch.Tensor | None:
-    """The full row-sharded ``tensor`` on ``writer`` (None elsewhere), one piece at a time."""
+    """The full ``tensor``, sharded along ``dim``, on ``writer`` (None elsewhere), one piece
+    at a time."""
     local = tensor.to_local()
-    rows, size = tensor.shape[0], len(members)
-    chunk = -(-rows // size)
-    spans = [(c * chunk, max(0, min(chunk, rows - c * chunk))) for c in range(size)]
+    length, size = tensor.shape[dim], len(members)
+    chunk = -(-length // size)
+    spans = [(c * chunk, max(0, min(chunk, length - c * chunk))) for c in range(size)]
     if me != writer:
         _, count = spans[members.index(me)]
         if count:
             dist.send(local.contiguous(), dst=writer, group=group)
         return None
     full = torch.empty(tuple(tensor.shape), dtype=local.dtype, device="cpu")
-    staging = None
     for member, (start, count) in zip(members, spans):
         if not count:
             continue
-        target = full[start : start + count]
+        target = full.narrow(dim, start, count)
         if member == me:
             target.copy_(local)
-        elif local.device.type == "cpu":
+        elif local.device.type == "cpu" and target.is_contiguous():
             dist.recv(target, src=member, group=group)
         else:
-            if staging is None or staging.shape[0] < count:
-                staging = torch.empty(
-                    (chunk, *tensor.shape[1:]), dtype=local.dtype, device=local.device
-                )
-            dist.recv(staging[:count], src=member, group=group)
-            target.copy_(staging[:count])
+            shape = list(tensor.shape)
+            shape[dim] = count
+            piece = torch.empty(shape, dtype=local.dtype, device=local.device)
+            dist.recv(piece, src=member, group=group)
+            target.copy_(piece)
     return full

@@ -9,6 +9,7 @@ reshards it when the world size changes.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -32,23 +33,42 @@ def _like_param(param: DTensor, buffer: torch.Tensor) -> DTensor:
     return DTensor(buffer, spec, requires_grad=False)
 
 
-def _column_sharded(param: DTensor) -> list:
-    """Placements that shard ``param`` on a dimension other than 0 (tensor parallelism)."""
-    from torch.distributed.tensor import Shard as ShardPlacement
-
-    return [p for p in param.placements if isinstance(p, ShardPlacement) and p.dim != 0]
+def _strided(param: DTensor) -> list:
+    """Placements that make the local shard something other than a box of the parameter:
+    ``_StridedShard`` (FSDP2 over a tensor-parallel dimension-0 shard) over more than one
+    rank."""
+    mesh = param.device_mesh
+    return [
+        p
+        for i, p in enumerate(param.placements)
+        if type(p).__name__ == "_StridedShard" and mesh.size(i) > 1
+    ]
 
 
 def _fragments(name: str, param: DTensor) -> tuple[Fragment, ...]:
-    """The local shard as one run of the flattened parameter (row sharding or replication)."""
+    """The local shard, a box of the parameter, as runs of the flattened parameter: one run
+    under row sharding or replication, one per index of the dimensions before the last split
+    one otherwise (``Shard(1)`` of ``[experts, rows, cols]``: one run per expert)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(
         param.shape, param.device_mesh, param.placements
     )
-    row = math.prod(param.shape[1:])
-    numel = math.prod(shape)
-    return (Fragment(name, tuple(param.shape), offset[0] * row if numel else 0, numel),)
+    full = tuple(param.shape)
+    if math.prod(shape) == 0:
+        return (Fragment(name, full, 0, 0),)
+    split = [d for d in range(len(full)) if shape[d] != full[d]]
+    if not split:
+        return (Fragment(name, full, 0, math.prod(full)),)
+    last = split[-1]
+    strides = [math.prod(full[d + 1 :]) for d in range(len(full))]
+    run = shape[last] * strides[last]
+    out = []
+    for number, index in enumerate(itertools.product(*(range(n) for n in shape[:last]))):
+        start = sum((offset[d] + i) * strides[d] for d, i in enumerate(index))
+        start += offset[last] * strides[last]
+        out.append(Fragment(name, full, start, run, number * run))
+    return tuple(out)
 
 
 class FSDP2Backend:
@@ -72,14 +92,12 @@ class FSDP2Backend:
                 "the whole model (the root module too) before building the Merger"
             )
         for name, param in params:
-            if _column_sharded(param):
+            if _strided(param):
                 raise TypeError(
-                    f"FSDP2Backend: parameter {name!r} is sharded on dimension "
-                    f"{_column_sharded(param)[0].dim} (placements {tuple(param.placements)}, "
-                    f"mesh {param.device_mesh.mesh_dim_names or param.device_mesh.shape}); "
-                    "pma_dist averages layouts whose local shard is one run of rows "
-                    "(Shard(0) or Replicate on every mesh dimension), so tensor parallelism "
-                    "that splits columns (RowwiseParallel weights, say) is not supported"
+                    f"FSDP2Backend: parameter {name!r} is laid out with {_strided(param)[0]} "
+                    f"(placements {tuple(param.placements)}, mesh "
+                    f"{param.device_mesh.mesh_dim_names or param.device_mesh.shape}): its local "
+                    "shard is not a box of the parameter, which pma_dist does not average yet"
                 )
         self._layout = {name: _fragments(name, param) for name, param in params}
         """Per parameter, where its local shard lies: fixed for the backend's life, and worked
