@@ -63,6 +63,7 @@ class Checkpointing:
         """Write the averaging state as one file per rank under ``directory``. Collective. The
         files describe slots as runs of parameter elements: :meth:`load` reshards them."""
         self.agree()
+        self._checked_load = None
         return persistence.save_files(
             Path(directory), self.backend, self._state, self.header(), self.process_group
         )
