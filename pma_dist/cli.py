@@ -51,6 +51,8 @@ def _export(args: argparse.Namespace) -> int:
         model_key=args.model_key,
         tokenizer=tokenizer,
         max_shard_size=args.max_shard_size,
+        last=args.last,
+        stride=args.stride,
     )
     print(f"wrote {out}")
     return 0
@@ -114,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="Hugging Face directory to write (replaced atomically)")
     export.add_argument("--config", required=True, help="config.json, or a directory holding it")
     export.add_argument("--method", choices=METHODS, help="merge (window mode)")
+    export.add_argument("--last", type=int, help="merge the newest N snapshots (window mode)")
+    export.add_argument("--stride", type=int, help="every s-th of them (window mode)")
     export.add_argument("--dtype", help="cast the weights, e.g. bfloat16")
     export.add_argument("--pma-key", default="pma", help="key the Merger was saved under")
     export.add_argument("--model-key", default="model", help="key the model was saved under")

@@ -137,7 +137,9 @@ class Merger(Readouts, Checkpointing):
             self._guard.hold(seq, finite)
             if len(self._guard.pending) >= self._state.window:
                 self.agree()
-        elif self._guard.admit(self._state.real(shards), self.backend, f"step {steps}"):
+        elif self._guard.admit(
+            self._state.real(shards), self.backend, f"step {steps}, {tokens} tokens"
+        ):
             self._state.snapshot(shards, steps, tokens)
         else:
             return False

@@ -46,6 +46,8 @@ def _export_worker(rank: int, world_size: int, root: str, kind: str, replicas: i
     with torch.no_grad(), merger.swapped():
         logits = model(input_ids=probe).logits
         merged = full_state(model)
+    with merger.swapped("cosine", last=2, stride=2):
+        strided = full_state(model)
     live = full_state(model)
     out = Path(root)
     with counted_calls((DTensor, "full_tensor")) as calls:
@@ -59,7 +61,13 @@ def _export_worker(rank: int, world_size: int, root: str, kind: str, replicas: i
     )
     calls = dict(calls)
     if rank == 0:
-        return {"logits": logits, "merged": merged, "probe": probe, "calls": calls}
+        return {
+            "logits": logits,
+            "merged": merged,
+            "probe": probe,
+            "calls": calls,
+            "strided": strided,
+        }
     return {"calls": calls}
 
 
@@ -128,3 +136,10 @@ def test_export_loads_with_transformers_and_matches_swapped_logits(
             k: v for k, v in _load(tmp_path / out).state_dict().items() if k in result["merged"]
         }
         assert_bitwise_equal(offline, result["merged"], f"offline export from {source}")
+    args = ("--method", "cosine", "--last", "2", "--stride", "2", "--config", str(tmp_path / "hf"))
+    done = run_cli("export", str(tmp_path / "ckpt"), str(tmp_path / "strided"), *args)
+    assert done.returncode == 0, done.stderr
+    offline = {
+        k: v for k, v in _load(tmp_path / "strided").state_dict().items() if k in result["strided"]
+    }
+    assert_bitwise_equal(offline, result["strided"], "offline cosine, last=2, stride=2")

@@ -35,7 +35,15 @@ class OfflineSource:
     """A meta model of the architecture named by ``config`` and the checkpoint's tensors."""
 
     def __init__(
-        self, source: Path, config: Any, *, method: str | None, pma_key: str, model_key: str
+        self,
+        source: Path,
+        config: Any,
+        *,
+        method: str | None,
+        pma_key: str,
+        model_key: str,
+        last: int | None = None,
+        stride: int | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -52,9 +60,11 @@ class OfflineSource:
         self.method = None
         self.averaged: set[str] = set()
         if self.pma_tensors:
-            self._plan_merge(values, method)
+            self._plan_merge(values, method, last, stride)
 
-    def _plan_merge(self, values: dict[str, Any], method: str | None) -> None:
+    def _plan_merge(
+        self, values: dict[str, Any], method: str | None, last: int | None, stride: int | None
+    ) -> None:
         try:
             header = StateHeader.from_flat(unflatten(values), str(self.source))
         except PMAStateError as err:
@@ -64,16 +74,21 @@ class OfflineSource:
             raise ExportError(f"{self.source}: the PMA state holds no valid snapshot")
         self.averaged = set(header.names or ())
         saved = header.config
-        if header.mode == "running" and method not in (None, header.running_method):
+        running = header.mode == "running"
+        if running and (method not in (None, header.running_method) or last or stride):
             raise ExportError(
                 f"{self.source}: running-mode state averages with {header.running_method!r}; "
-                f"method={method!r} needs a window-mode state"
+                f"method={method!r}, last, stride need a window-mode state"
             )
         self.method = method or saved["method"]
-        if header.mode == "running":
+        if running:
             self.weights = [1.0]
-        else:
-            self.weights = resolve_weights(len(self.order), self.method, saved["ema_alpha"])
+            return
+        weights = resolve_weights(
+            len(self.order), self.method, saved["ema_alpha"], last=last, stride=stride
+        )
+        used = [(slot, w) for slot, w in zip(self.order, weights) if w != 0]
+        self.order, self.weights = [slot for slot, _ in used], [w for _, w in used]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -218,21 +218,23 @@ def convert_to_hf(
     max_shard_size: int | str = "5GB",
     original_format: bool = True,
     progress: bool = True,
+    last: int | None = None,
+    stride: int | None = None,
 ) -> Path:
     """Write a Hugging Face directory from a DCP checkpoint, in this process alone.
 
     ``source`` is a pma_dist DCP export, or a training checkpoint saved with
     ``dcp.save({model_key: ..., pma_key: merger, ...})``: then the merge is computed here from
-    the saved snapshots (``method`` as in ``Merger.swapped``), with parameters that were not
+    the saved snapshots (``method``, ``last``, ``stride`` as in ``Merger.swapped``), with
+    parameters that were not
     averaged taken from ``model_key``. ``config`` is a transformers config, or a path to a
     directory or file holding ``config.json``, naming the architecture.
     """
     from .offline import OfflineSource
 
     dtype = parse_dtype(dtype)
-    offline = OfflineSource(
-        Path(source), config, method=method, pma_key=pma_key, model_key=model_key
-    )
+    keys = {"pma_key": pma_key, "model_key": model_key}
+    offline = OfflineSource(Path(source), config, method=method, last=last, stride=stride, **keys)
     return write_hf(
         Path(path),
         offline.meta(),
