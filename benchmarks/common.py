@@ -65,6 +65,13 @@ def write_json(path: str | None, payload: dict) -> None:
         Path(path).write_text(json.dumps(payload, indent=2))
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (``ru_maxrss``), in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def torchrun_json(module: str, nproc: int, args: list[str]) -> dict:
     """Run ``python -m module --worker ARGS`` on ``nproc`` local ranks with torchrun, from the
     repository root, and return the JSON object rank 0 printed last; exit with the ranks'

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -23,13 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import machine, torchrun_json, write_json
+from benchmarks.common import machine, peak_rss_bytes, torchrun_json, write_json
 
 TENSOR_SHAPE = (4096, 4096)
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(args) -> None:
@@ -56,7 +51,7 @@ def worker(args) -> None:
             param.to_local().normal_()
     directory = Path(args.dir)
     nbytes = count * TENSOR_SHAPE[0] * TENSOR_SHAPE[1] * 4
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     times = []
     for _ in range(args.repeats):
         dist.barrier()
@@ -66,7 +61,7 @@ def worker(args) -> None:
         times.append(time.perf_counter() - start)
         if rank == 0:
             shutil.rmtree(directory / "export")
-    extra = (_peak_rss_bytes() - baseline) / 2**20
+    extra = (peak_rss_bytes() - baseline) / 2**20
     plain = []
     if rank == 0:
         data = torch.randn(TENSOR_SHAPE)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -24,13 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import machine, write_json
+from benchmarks.common import machine, peak_rss_bytes, write_json
 
 TENSOR_NUMEL = 16 * 1024 * 1024
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _plain_write(tensors: list[torch.Tensor], path: Path) -> None:
@@ -52,7 +47,7 @@ def measure_one(millions: int, directory: Path, shard_mb: int) -> dict:
     model = nn.Module()
     model.weights = nn.ParameterList(nn.Parameter(torch.randn(s)) for s in sizes)
     tensors = [p.detach() for p in model.parameters()]
-    baseline = _peak_rss_bytes()
+    baseline = peak_rss_bytes()
     times = {}
     for _ in range(3):
         start = time.perf_counter()
@@ -72,7 +67,7 @@ def measure_one(millions: int, directory: Path, shard_mb: int) -> dict:
         "export_GBps": nbytes / export / 1e9,
         "export_throughput_vs_plain": plain / export,
         "model_rss_MB": baseline / 2**20,
-        "export_extra_peak_MB": (_peak_rss_bytes() - baseline) / 2**20,
+        "export_extra_peak_MB": (peak_rss_bytes() - baseline) / 2**20,
     }
 
 

@@ -47,6 +47,11 @@ def file_name(save_id: str, rank: int) -> str:
     return f"pma_{save_id}_rank{rank:05d}.safetensors"
 
 
+def tensor_name(slot: int, shard: int) -> str:
+    """The name of slot ``slot`` of shard ``shard`` in a rank file."""
+    return f"s{slot}.{shard}"
+
+
 def has_index(directory: Path) -> bool:
     return (Path(directory) / INDEX).is_file()
 
@@ -93,10 +98,11 @@ def write_indexed(
 
 
 def _write_rank_file(path: Path, save_id: str, rank: int, slots: list[list[torch.Tensor]]) -> None:
-    """A safetensors file of ``s<k>.<i>`` (slot k of shard i, flat), streamed one tensor at a
-    time, with per-chunk checksums in its metadata; written aside, then moved into place."""
+    """A safetensors file of every slot of every shard, flat (:func:`tensor_name`), streamed
+    one tensor at a time, with per-chunk checksums in its metadata; written aside, then moved
+    into place."""
     tensors = {
-        f"s{k}.{i}": t.reshape(-1) for k, slot in enumerate(slots) for i, t in enumerate(slot)
+        tensor_name(k, i): t.reshape(-1) for k, slot in enumerate(slots) for i, t in enumerate(slot)
     }
     sums = {
         name: [bit_checksum(flat[part]) for part in chunks(flat.numel(), CHUNK_NUMEL)]
@@ -252,7 +258,7 @@ def plan_indexed(directory: Path, shards: list[Shard], ours: StateHeader) -> Ind
             for k in range(num_slots):
                 for src_shard, shard_copies in by_shard.items():
                     spans = [(c.src, c.numel) for c in shard_copies]
-                    got = reader.read(f"s{k}.{src_shard}", spans)
+                    got = reader.read(tensor_name(k, src_shard), spans)
                     staged[k].extend((c, reader.slice(got, c.src, c.numel)) for c in shard_copies)
         finally:
             load.bytes_read += reader.bytes_read

@@ -22,7 +22,14 @@ from .averaging import AveragingState
 from .backends import Backend
 from .errors import PMAStateError
 from .indexed_state import IndexedLoad, has_index, plan_indexed, write_indexed
-from .state_files import Copy, apply_copies, file_header, plan_copies, read_rank_files
+from .state_files import (
+    FILE_GLOB,
+    Copy,
+    apply_copies,
+    file_header,
+    plan_copies,
+    read_rank_files,
+)
 from .state_format import StateHeader
 
 
@@ -94,6 +101,12 @@ def save_files(
     header = replace(header, names=None, shapes=None)
     state.wait_host()
     return write_indexed(directory, header, backend.shards(), state.slots, group)
+
+
+def has_files(directory: Path) -> bool:
+    """True when ``directory`` holds per-rank PMA state: an indexed save, or the ``.pt`` files
+    of earlier releases."""
+    return has_index(directory) or any(Path(directory).glob(FILE_GLOB))
 
 
 @dataclass

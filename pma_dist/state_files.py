@@ -59,13 +59,6 @@ def bit_checksum(tensor: torch.Tensor) -> int:
     return int(total.item())
 
 
-def has_state(directory: Path) -> bool:
-    """True when ``directory`` holds per-rank PMA state (an indexed save, or earlier ``.pt``
-    files)."""
-    directory = Path(directory)
-    return (directory / "pma_index.json").is_file() or any(directory.glob(FILE_GLOB))
-
-
 def header_digest(payload: dict[str, Any]) -> str:
     """SHA-256 of everything in a file but the slot tensors (whose checksums it includes)."""
     header = {k: v for k, v in payload.items() if k not in ("slots", "header_sha256")}

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..config import PMAConfig
 from ..merger import Merger
-from ..state_files import has_state as has_state_files
+from ..persistence import has_files
 
 log = logging.getLogger("pma_dist")
 
@@ -135,7 +135,7 @@ def _hook_checkpoints(engine, merger: Merger) -> None:
         if resolved is None and latest.is_file():
             resolved = latest.read_text().strip()
         state_dir = Path(load_dir) / str(resolved) if resolved is not None else None
-        has_state = state_dir is not None and has_state_files(state_dir)
+        has_state = state_dir is not None and has_files(state_dir)
         if has_state:
             merger.check_saved(state_dir)
         result = load(load_dir, tag, *args, **kwargs)
