@@ -3,10 +3,13 @@
 from .config import PMAConfig, PMAConfigError
 from .errors import NonFiniteSnapshotError, PMAStateError
 from .merger import Merger
+from .monitor import MergeMonitor, MonitorConfig
 from .recovery import SpikeGuard, SpikeGuardConfig, SpikeRecoveryExhausted
 
 __all__ = [
+    "MergeMonitor",
     "Merger",
+    "MonitorConfig",
     "NonFiniteSnapshotError",
     "PMAConfig",
     "PMAConfigError",

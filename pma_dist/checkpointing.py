@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch.distributed as dist
 
@@ -20,6 +20,16 @@ from .config import PMAConfig
 from .nonfinite import NonFiniteGuard
 from .schedule import SnapshotSchedule
 from .state_format import StateHeader
+
+
+class Extension(Protocol):
+    """An object whose state is saved and restored with a Merger's (a merge monitor)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Its state as JSON-serializable values, the same on every rank."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class Checkpointing:
@@ -36,16 +46,35 @@ class Checkpointing:
     _guard: NonFiniteGuard
     _checked_load: tuple[Path, Any] | None = None
     """What :meth:`check_saved` read, for the :meth:`load` of the same directory that follows."""
+    _extensions: dict[str, Extension]
+    _unclaimed: dict[str, Any]
+    """Extension states loaded before their extension was added, by name."""
 
     def agree(self) -> None:
         raise NotImplementedError
+
+    def add_extension(self, name: str, extension: Extension) -> None:
+        """Save and restore ``extension``'s state with this Merger's under ``name``; a state of
+        that name already loaded is handed to it now. Undo with :meth:`remove_extension`."""
+        if name in self._extensions:
+            raise ValueError(f"Merger already has an extension named {name!r}")
+        self._extensions[name] = extension
+        if name in self._unclaimed:
+            extension.load_state_dict(self._unclaimed.pop(name))
+
+    def remove_extension(self, name: str) -> None:
+        """Stop saving the extension ``name``."""
+        self._extensions.pop(name, None)
 
     def header(self) -> StateHeader:
         """What a save of this state holds beside the slots."""
         tensors = (self.names, self.global_shapes, self.buffer_names)
         counts = {"num_skipped": self._guard.num_skipped, "skip_streak": self._guard.streak}
         schedule = self.schedule.state_dict()
-        return StateHeader.describe(self.config, self._state, *tensors, schedule=schedule, **counts)
+        extensions = {name: ext.state_dict() for name, ext in self._extensions.items()}
+        return StateHeader.describe(
+            self.config, self._state, *tensors, schedule=schedule, extensions=extensions, **counts
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The averaging state (format 2, :mod:`pma_dist.state_format`) for DCP: slots laid out
@@ -100,5 +129,9 @@ class Checkpointing:
         self._guard.pending = []
         self._guard.num_skipped, self._guard.streak = saved.num_skipped, saved.skip_streak
         self.schedule.load_state_dict(saved.schedule)
+        self._unclaimed = dict(saved.extensions)
+        for name, extension in self._extensions.items():
+            if name in self._unclaimed:
+                extension.load_state_dict(self._unclaimed.pop(name))
         if saved.format == 1:
             persistence.buffers_from_live(self.backend, self._state)

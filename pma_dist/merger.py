@@ -67,6 +67,8 @@ class Merger(Readouts, Checkpointing):
         self.global_shapes = [list(s.global_shape) for s in shards]
         self._state = state_for(self.config, [s.local for s in shards], [s.runs for s in shards])
         self._swap_active = False
+        self._extensions = {}
+        self._unclaimed = {}
         inner = unwrap_optimizer(optimizer)
         self._step_hooked = inner is not None
         self._hooks = []

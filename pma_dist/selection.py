@@ -33,6 +33,10 @@ class Candidate:
     stride: int = 1
     """Every ``stride``-th snapshot (V = stride x interval)."""
 
+    def fits(self, held: int) -> bool:
+        """Whether ``held`` valid snapshots span this merge."""
+        return held >= 1 and ((self.last or 1) - 1) * self.stride + 1 <= held
+
     def __str__(self) -> str:
         return (
             f"{self.method} N={self.last if self.last is not None else 'all'} stride={self.stride}"

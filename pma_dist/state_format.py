@@ -5,7 +5,9 @@ Format 2, the one written: ``meta`` (``format``, ``mode``, ``window``, ``running
 ``config``, the averaged tensors' ``names`` and ``shapes``, parameters then buffers, and which of
 them are ``buffers``), then ``count`` (snapshots taken), ``records`` (per physical slot
 ``[seq, step, tokens, valid]`` or None, see :class:`~pma_dist.records.SlotRecord`),
-``num_skipped``, ``skip_streak`` (non-finite snapshots in a row) and ``schedule``; and, derived
+``num_skipped``, ``skip_streak`` (non-finite snapshots in a row), ``schedule`` and, when a
+Merger has extensions (a merge monitor), ``extensions`` (their state as one JSON string, so that
+DCP and the per-rank index hold it as one plain value); and, derived
 from the records for readers that know format 1 only, ``head`` (where the next snapshot goes)
 and ``history`` (``[step, tokens]`` of the merged snapshots, oldest first).
 
@@ -15,6 +17,7 @@ buffers; it still loads, its buffers then start from the live values (the loader
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +77,8 @@ class StateHeader:
     """Non-finite snapshots in a row, up to the last one."""
     schedule: dict[str, Any] = field(default_factory=dict)
     """The snapshot schedule's counters."""
+    extensions: dict[str, Any] = field(default_factory=dict)
+    """The JSON state of each extension (:meth:`Merger.add_extension`), by name."""
     format: int = FORMAT_VERSION
     """The layout version it was read from (written: always :data:`FORMAT_VERSION`)."""
 
@@ -81,7 +86,7 @@ class StateHeader:
     def describe(cls, config, state, names, shapes, buffers, **counters: Any) -> StateHeader:
         """The header of an averaging ``state`` kept under ``config`` (a PMAConfig) for the
         tensors ``names`` (``buffers`` among them) of global ``shapes``; ``counters`` are
-        ``num_skipped``, ``skip_streak`` and ``schedule``."""
+        ``num_skipped``, ``skip_streak``, ``schedule`` and ``extensions``."""
         return cls(
             mode=state.mode,
             window=config.window,
@@ -116,7 +121,9 @@ class StateHeader:
         if self.names is not None:
             meta.update(names=list(self.names), shapes=[list(s) for s in self.shapes or []])
         merged = [self.records[k] for k in self.merge_order()]
+        extensions = {"extensions": json.dumps(self.extensions)} if self.extensions else {}
         return {
+            **extensions,
             "meta": meta,
             "count": self.count,
             "records": records_to_lists(self.records),
@@ -151,6 +158,7 @@ class StateHeader:
             else:
                 header.records = records_from_lists(flat["records"])
                 header.skip_streak = int(flat["skip_streak"])
+                header.extensions = _extensions(flat.get("extensions"))
         except PMAStateError:
             raise
         except (KeyError, TypeError, ValueError) as err:
@@ -188,6 +196,16 @@ class StateHeader:
                 f"{len(saved)} tensors saved, {len(expected)} here; first difference "
                 f"(saved, here): {first}"
             )
+
+
+def _extensions(saved: Any) -> dict[str, Any]:
+    """The extensions' states from their saved JSON string (absent: none)."""
+    if saved is None:
+        return {}
+    extensions = json.loads(saved)
+    if not isinstance(extensions, dict):
+        raise ValueError(f"extensions is {type(extensions).__name__}, not a JSON object")
+    return extensions
 
 
 def _records_v1(flat: Mapping[str, Any], num_slots: int) -> list[SlotRecord | None]:
