@@ -105,7 +105,8 @@ class MergeMonitor:
         """Evaluations run so far (resumed runs included)."""
         self.best: dict[str, Any] | None = None
         """The best merge so far: its fields, ``loss``, ``step``, ``tokens``, ``evaluation``."""
-        self._last_taken = 0
+        self.evaluated_at = 0
+        """:attr:`snapshots_taken` at the last evaluation."""
         writes = comm.rank(merger.process_group) == 0
         self._log = MonitorLog(
             self.config.log_dir if writes else None,
@@ -121,14 +122,14 @@ class MergeMonitor:
 
     def step(self) -> Selection | None:
         """Evaluate if ``config.every`` snapshots were taken since the last evaluation."""
-        if self.snapshots_taken - self._last_taken < self.config.every:
+        if self.snapshots_taken - self.evaluated_at < self.config.every:
             return None
         return self.evaluate_now()
 
     def evaluate_now(self) -> Selection | None:
         """Rank the candidate merges now, log them, and export the best if it beats the best
         so far. Collective. None if no snapshot is held or no candidate fits yet."""
-        self._last_taken = self.snapshots_taken
+        self.evaluated_at = self.snapshots_taken
         held = self.merger.window_size
         grid = self.config.candidates or default_candidates(max(held, 1))
         candidates = [c for c in grid if c.fits(held)]
@@ -184,12 +185,16 @@ class MergeMonitor:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"evaluations": self.evaluations, "best": self.best, "last_taken": self._last_taken}
+        return {
+            "evaluations": self.evaluations,
+            "best": self.best,
+            "evaluated_at": self.evaluated_at,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.evaluations = int(state["evaluations"])
         self.best = state["best"]
-        self._last_taken = int(state["last_taken"])
+        self.evaluated_at = int(state["evaluated_at"])
         self._log.keep_first(self.evaluations)
 
     def close(self) -> None:

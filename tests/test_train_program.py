@@ -23,6 +23,15 @@ def _check_run(run_dir: Path, done) -> dict:
         assert (Path(path) / "tokenizer_config.json").is_file()
     assert (run_dir / "curves.png").stat().st_size > 0
     assert "PMA wma of branch (a)" in done.stdout
+    ablation = report["ablation"]
+    for phase in ("fork", "end"):
+        merges = {m["merge"]: m["loss"] for m in ablation[phase]["merges"]}
+        assert set(merges) == {"sma N=2 stride=1", "wma N=2 stride=1", "ema N=2 stride=1"}
+        assert ablation[phase]["selected"] == min(merges, key=merges.get)
+    assert ablation["end"]["live"] == report["val_loss"]["constant"]
+    assert (run_dir / "ablations.png").stat().st_size > 0
+    assert verify_export(run_dir / "exports" / "best") == []
+    assert "select picked fork: " in done.stdout
     return report
 
 
@@ -42,6 +51,7 @@ def test_fsdp2_dense_run_and_resume(tmp_path: Path) -> None:
     again = _check_run(tmp_path / "resumed", resumed)
     assert again["val_loss"] == full["val_loss"], "resuming mid-run changed the results"
     assert again["fork"] == full["fork"]
+    assert again["ablation"] == full["ablation"], "the monitor resumed with the run"
     merged = full["exports"]["pma"]
     init = torchrun(
         "--config", str(config), "--run-dir", str(tmp_path / "init"), "--init-from", merged

@@ -67,6 +67,29 @@ class ScheduleConfig:
     """Steps between held-out evaluations of the live and the merged model."""
 
 
+def _demo_grid() -> list[dict[str, Any]]:
+    """14 merges from one ring: each method at N = 2, 8, 16 (the paper's Fig. 4 and the N of
+    Fig. 5), SMA of 4 snapshots spaced 1, 2 and 4 snapshots apart (the V of Fig. 5), and the
+    decay-shaped merges over the whole window."""
+    by_n = [{"method": m, "last": n} for m in ("sma", "wma", "ema") for n in (2, 8, 16)]
+    by_v = [{"method": "sma", "last": 4, "stride": s} for s in (1, 2, 4)]
+    decays = [{"method": m, "last": 16} for m in ("cosine", "minus_sqrt")]
+    return by_n + by_v + decays
+
+
+@dataclass
+class AblationConfig:
+    """The paper's ablations from one run: merges of the ring ranked on held-out data by a
+    ``pma_dist.MergeMonitor``, at the fork, at the end of branch (a) and every ``every``
+    snapshots in between."""
+
+    candidates: list[dict[str, Any]] | None = field(default_factory=_demo_grid)
+    """Merges (``method``, ``last`` = N, ``stride``); None: the full default grid of
+    ``Merger.select`` (``make demo-full``). Those the ring cannot span yet are left out."""
+    every: int = 30
+    """Snapshots between evaluations during training."""
+
+
 @dataclass
 class RunConfig:
     """One run of the program."""
@@ -91,6 +114,8 @@ class RunConfig:
         default_factory=lambda: {"method": "wma", "window": 10, "interval_steps": 8}
     )
     """``pma_dist.PMAConfig`` settings (``interval_steps`` is turned into tokens)."""
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+    """Which merges of the ring the run ranks, and how often."""
     full: dict[str, Any] = field(default_factory=dict)
     """Overrides applied by ``--full`` (a longer run with sharper numbers)."""
 

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import torch
 
+from pma_dist import MergeMonitor, MonitorConfig
+
 from .config import RunConfig
 from .data import TrainBatches, eval_batches, load_corpus
-from .report import EvalLog, build_report, plot, print_table
+from .report import EvalLog, build_report, plot, plot_ablations, print_table
 from .trainer import Trainer, wsd_lr
 
 METHODS = ["sma", "wma", "ema"]
+MONITOR_LOG = "pma_monitor.jsonl"
 
 
 class Stopped(Exception):
@@ -58,12 +61,17 @@ def run(
     log = EvalLog(run_dir / "log.jsonl", enabled=rank == 0)
     checkpoints = run_dir / "checkpoints"
     state = {"phase": "main", "step": 0}
+    if not resume and rank == 0:
+        log.path.unlink(missing_ok=True)
+        (run_dir / "merges" / MONITOR_LOG).unlink(missing_ok=True)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    dist.barrier()
+    monitor = None
+    if not resume or trainer.saved_phase(checkpoints / "latest") != "b":
+        monitor = _monitor(cfg, trainer, held, run_dir, tokenizer)
     if resume:
         state = trainer.load(checkpoints / "latest")
         log.truncate(state["phase"], state["step"])
-    elif rank == 0:
-        log.path.unlink(missing_ok=True)
-        shutil.rmtree(checkpoints, ignore_errors=True)
     s = cfg.schedule
     total = s.fork_step + 2 * s.branch_steps
     bar = _progress(rank, total, state, s)
@@ -100,6 +108,8 @@ def run(
         for step in range(start, stop):
             trainer.set_lr(wsd_lr(step, cfg, phase))
             loss = trainer.step(batches.at(step))
+            if merged_evals:
+                monitor.step()
             done = step + 1
             bar.update(loss, trainer.tokens_per_step)
             if done % s.eval_every == 0 or done == stop:
@@ -111,12 +121,15 @@ def run(
 
     if state["phase"] == "main":
         train("main", state["step"], s.fork_step, merged_evals=True)
+        _evaluated(monitor)
         trainer.save(checkpoints / "fork", {"phase": "a", "step": s.fork_step})
         state = {"phase": "a", "step": s.fork_step}
     if state["phase"] == "a":
         train("a", state["step"], s.fork_step + s.branch_steps, merged_evals=True)
+        _evaluated(monitor)
         trainer.export_live(run_dir / "exports" / "constant", tokenizer)
         trainer.export_merged(run_dir / "exports" / "pma", tokenizer)
+        monitor.close()
         trainer.load(checkpoints / "fork")
         state = {"phase": "b", "step": s.fork_step}
     train("b", state["step"], s.fork_step + s.branch_steps, merged_evals=False)
@@ -127,6 +140,7 @@ def run(
         return None
     report = build_report(
         log.records(),
+        EvalLog(run_dir / "merges" / MONITOR_LOG, enabled=False).records(),
         cfg.to_dict(),
         trainer.pma_config.method,
         {
@@ -141,9 +155,28 @@ def run(
     )
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot(log.records(), report["pma_method"], report["fork"]["tokens"], run_dir / "curves.png")
+    plot_ablations(report["ablation"], run_dir / "ablations.png")
     print_table(report)
     print(f"report: {run_dir / 'report.json'}  plot: {run_dir / 'curves.png'}")
     return report
+
+
+def _monitor(cfg: RunConfig, trainer: Trainer, held, run_dir: Path, tokenizer) -> MergeMonitor:
+    """Ranks the ablation grid on the held-out batches; keeps the best merge in exports/best."""
+    config = MonitorConfig(
+        every=cfg.ablation.every,
+        candidates=cfg.ablation.candidates,
+        log_dir=str(run_dir / "merges"),
+        best_dir=str(run_dir / "exports" / "best"),
+        export_options={"tokenizer": tokenizer, "config": trainer.hf_config(), "progress": False},
+    )
+    return MergeMonitor(trainer.merger, lambda: trainer.evaluate(held), config)
+
+
+def _evaluated(monitor: MergeMonitor) -> None:
+    """The monitor's figures for the snapshots held now (an evaluation unless it just ran)."""
+    if monitor.snapshots_taken != monitor.evaluated_at:
+        monitor.evaluate_now()
 
 
 class _progress:

@@ -48,9 +48,10 @@ class EvalLog:
 
 
 def build_report(
-    records: list[dict], cfg: dict, method: str, extra: dict[str, Any]
+    records: list[dict], merges: list[dict], cfg: dict, method: str, extra: dict[str, Any]
 ) -> dict[str, Any]:
-    """The forecast numbers from the evaluation log."""
+    """The forecast numbers from the evaluation log, and the ablations from the merge
+    monitor's records (``merges``)."""
     fork_step = cfg["schedule"]["fork_step"]
     end = fork_step + cfg["schedule"]["branch_steps"]
 
@@ -72,9 +73,28 @@ def build_report(
             "pma": fork["pma"],
         },
         "tokens": {"fork": fork["tokens"], "end": a["tokens"]},
+        "ablation": _ablation(merges, fork_step, end, annealed),
         "config": cfg,
         **extra,
     }
+
+
+def _ablation(merges: list[dict], fork_step: int, end: int, annealed: float) -> dict[str, Any]:
+    """Every merge the monitor ranked at the fork and at the end of branch (a), what it picked,
+    and the annealed branch's loss to set the decay-shaped merges against."""
+    out: dict[str, Any] = {"annealed": annealed}
+    for name, step in (("fork", fork_step), ("end", end)):
+        record = next((r for r in reversed(merges) if r["step"] == step), None)
+        if record is None:
+            continue
+        out[name] = {
+            "step": step,
+            "tokens": record["tokens"],
+            "live": record["live_loss"],
+            "merges": record["merges"],
+            "selected": record["best"]["merge"],
+        }
+    return out
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -97,6 +117,39 @@ def print_table(report: dict[str, Any]) -> None:
         f"tokens: fork {report['tokens']['fork']:,}, end {report['tokens']['end']:,}; "
         f"wall time {report['wall_time_s']:.0f}s"
     )
+    print_ablation(report["ablation"])
+
+
+def _by_merge(phase: dict | None) -> dict[str, dict]:
+    return {m["merge"]: m for m in (phase or {}).get("merges", [])}
+
+
+def print_ablation(ablation: dict[str, Any]) -> None:
+    """One row per merge ranked (N snapshots, V = their mean spacing), fork and end columns."""
+    fork, end = _by_merge(ablation.get("fork")), _by_merge(ablation.get("end"))
+    if not end:
+        return
+    order = sorted(end.values(), key=lambda m: (m["method"], m["stride"], m["n"]))
+    print()
+    print(
+        f"{'merges of one ring (held-out loss)':<34}{'N':>4}{'V tokens':>10}{'fork':>9}{'end':>9}"
+    )
+    for m in order:
+        at_fork = fork.get(m["merge"], {}).get("loss")
+        spacing = m["mean_spacing_tokens"]
+        print(
+            f"{m['method'] + ' stride ' + str(m['stride']):<34}{m['n']:>4}"
+            f"{(f'{spacing:,.0f}' if spacing else '-'):>10}"
+            f"{(f'{at_fork:.4f}' if at_fork is not None else '-'):>9}{m['loss']:>9.4f}"
+        )
+    live_fork = ablation.get("fork", {}).get("live")
+    print(
+        f"{'live model':<48}{(f'{live_fork:.4f}' if live_fork else '-'):>9}"
+        f"{ablation['end']['live']:>9.4f}"
+    )
+    print(f"{'annealed branch (b)':<57}{ablation['annealed']:>9.4f}")
+    picks = [f"{k}: {ablation[k]['selected']}" for k in ("fork", "end") if k in ablation]
+    print("select picked " + "; ".join(picks))
 
 
 def plot(records: list[dict], method: str, fork_tokens: int, path: Path) -> None:
@@ -137,5 +190,53 @@ def plot(records: list[dict], method: str, fork_tokens: int, path: Path) -> None
     low = min(r["live"] for r in records[len(records) // 3 :])
     ax.set_ylim(low - 0.1, low + 0.8)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_ablations(ablation: dict[str, Any], path: Path) -> None:
+    """Held-out loss by N (each method, consecutive snapshots) and by V (SMA of 4 snapshots at
+    growing spacing), at the fork (dashed) and at the end of branch (a) (solid)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (by_n, by_v) = plt.subplots(1, 2, figsize=(10, 4.2))
+    colors = {"sma": "tab:green", "wma": "tab:purple", "ema": "tab:red"}
+    for phase, style in (("fork", "--"), ("end", "-")):
+        merges = ablation.get(phase, {}).get("merges", [])
+        for method, color in colors.items():
+            points = sorted(
+                (m["n"], m["loss"]) for m in merges if m["method"] == method and m["stride"] == 1
+            )
+            if points:
+                by_n.plot(
+                    *zip(*points), style, marker="o", color=color, label=f"{method} ({phase})"
+                )
+        spaced = sorted(
+            (m["mean_spacing_tokens"], m["loss"])
+            for m in merges
+            if m["method"] == "sma" and m["last"] == 4 and m["mean_spacing_tokens"]
+        )
+        if spaced:
+            by_v.plot(
+                *zip(*spaced), style, marker="o", color="tab:green", label=f"sma N=4 ({phase})"
+            )
+        if phase in ablation:
+            for ax in (by_n, by_v):
+                ax.axhline(ablation[phase]["live"], color="tab:blue", linestyle=style, lw=0.8)
+    for ax in (by_n, by_v):
+        ax.axhline(ablation["annealed"], color="tab:orange", lw=0.8, label="annealed (end)")
+        ax.set_ylabel("held-out loss")
+    by_n.set_xscale("log", base=2)
+    by_n.set_xlabel("N (snapshots merged)")
+    by_n.set_title("loss by N, per method (blue: live model)")
+    by_v.set_xlabel("V (tokens between merged snapshots)")
+    by_v.set_title("loss by V")
+    by_n.legend(fontsize=7)
+    by_v.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

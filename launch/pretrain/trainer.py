@@ -3,6 +3,7 @@ merged), checkpoint, export."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -113,19 +114,30 @@ class Trainer:
         return out
 
     def save(self, directory: Path, state: dict[str, Any]) -> None:
+        """A resumable checkpoint, then ``trainer.json`` beside it (the phase and step, readable
+        before the checkpoint is loaded)."""
         if self.engine is not None:
             self.engine.save_checkpoint(
                 str(directory), tag="state", client_state={"trainer": state}
             )
-            return
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+        else:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save(
-            {"model": model_sd, "optim": optim_sd, "pma": self.merger, "trainer": state},
-            checkpoint_id=str(directory),
-        )
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+            dcp.save(
+                {"model": model_sd, "optim": optim_sd, "pma": self.merger, "trainer": state},
+                checkpoint_id=str(directory),
+            )
+        if dist.get_rank() == 0:
+            (directory / "trainer.json").write_text(json.dumps(state))
+        dist.barrier()
+
+    @staticmethod
+    def saved_phase(directory: Path) -> str | None:
+        """The phase a checkpoint was saved in (None: no checkpoint there)."""
+        saved = directory / "trainer.json"
+        return json.loads(saved.read_text())["phase"] if saved.is_file() else None
 
     def load(self, directory: Path) -> dict[str, Any]:
         if self.engine is not None:
@@ -150,12 +162,14 @@ class Trainer:
 
     def export_live(self, path: Path, tokenizer) -> Path:
         return export_model(
-            self.model, path, tokenizer=tokenizer, config=self._config(), progress=False
+            self.model, path, tokenizer=tokenizer, config=self.hf_config(), progress=False
         )
 
     def export_merged(self, path: Path, tokenizer) -> Path:
-        return self.merger.export(path, tokenizer=tokenizer, config=self._config(), progress=False)
+        return self.merger.export(
+            path, tokenizer=tokenizer, config=self.hf_config(), progress=False
+        )
 
-    def _config(self):
+    def hf_config(self):
         module = self.engine.module if self.engine is not None else self.model
         return module.config
