@@ -110,9 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=_inspect)
     export = commands.add_parser(
         "export",
-        help="write a Hugging Face directory from a DCP export or a checkpoint's PMA state",
+        help="write a Hugging Face directory from a DCP export, a checkpoint's PMA state, or "
+        "per-rank PMA state files (Merger.save, a DeepSpeed checkpoint tag)",
     )
-    export.add_argument("source", help="DCP directory: a pma_dist DCP export or a checkpoint")
+    export.add_argument(
+        "source",
+        help="a pma_dist DCP export, a DCP checkpoint with a Merger's state, or a directory of "
+        "per-rank PMA state files (holding pma_index.json)",
+    )
     export.add_argument("out", help="Hugging Face directory to write (replaced atomically)")
     export.add_argument("--config", required=True, help="config.json, or a directory holding it")
     export.add_argument("--method", choices=METHODS, help="merge (window mode)")

@@ -6,6 +6,7 @@ in float64; the working bf16 weights a forward sees are checked too.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -256,22 +257,30 @@ def _export_worker(rank, world_size, root) -> dict:
     model = AutoModelForCausalLM.from_config(hf_config("llama"), attn_implementation="eager")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     engine, *_ = initialize(model=model, optimizer=optimizer, config=ds_config(3, world_size, PMA))
+    snapshots = []
     for step in range(3):
         tokens = hf_batch(step, rank, world_size)
         engine.backward(engine(input_ids=tokens, labels=tokens).loss)
         engine.step()
+        snapshots.append(full_fp32(engine))
     probe = hf_batch(99)[:2]
     with torch.no_grad(), engine.pma.swapped():
         merged = full_fp32(engine)
         logits = engine(input_ids=probe).logits.float()
     engine.pma.export(Path(root) / "zero3", max_shard_size="24KB")
-    return {"merged": merged, "logits": logits, "probe": probe} if rank == 0 else {}
+    engine.save_checkpoint(str(Path(root) / "ckpt"), tag="t")
+    if rank != 0:
+        return {}
+    return {"merged": merged, "logits": logits, "probe": probe, "snapshots": snapshots}
 
 
 def test_zero3_export_loads_with_transformers(tmp_path: Path) -> None:
+    """Online, and offline from the checkpoint's per-rank PMA state with another merge."""
     from transformers import AutoModelForCausalLM
 
-    from pma_dist.export import verify_export
+    from pma_dist.export import ExportError, convert_to_hf, verify_export
+    from tests.support.cli import run_cli
+    from tests.support.hf_models import hf_config
 
     result = run_ranks(_export_worker, 2, str(tmp_path))[0]
     assert verify_export(tmp_path / "zero3") == []
@@ -284,6 +293,21 @@ def test_zero3_export_loads_with_transformers(tmp_path: Path) -> None:
     with torch.no_grad():
         logits = loaded(input_ids=result["probe"]).logits
     assert_close_rel({"l": logits}, {"l": result["logits"]}, 3e-2, "bf16 engine vs fp32 export")
+
+    args = ["--config", str(tmp_path / "zero3"), "--method", "minus_sqrt", "--stride", "2"]
+    done = run_cli("export", str(tmp_path / "ckpt" / "t"), str(tmp_path / "offline"), *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert verify_export(tmp_path / "offline") == []
+    first, _, last = [{k: v.double() for k, v in s.items()} for s in result["snapshots"]]
+    c = 1 - math.sqrt(0.5)
+    expected = {k: (1 - c) * first[k] + c * last[k] for k in first}
+    offline = AutoModelForCausalLM.from_pretrained(tmp_path / "offline").state_dict()
+    assert_close_rel({k: offline[k].double() for k in expected}, expected, 1e-6, "offline")
+    deeper = hf_config("llama")
+    deeper.num_hidden_layers += 1
+    with pytest.raises(ExportError, match=r"holds no 'model.layers.\d.*of the model's"):
+        convert_to_hf(tmp_path / "ckpt" / "t", tmp_path / "bad", config=deeper)
+    assert not (tmp_path / "bad").exists()
 
 
 EXPERT = r"moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(\d+)\.(weight|bias)"

@@ -1,8 +1,10 @@
-"""Tensors of a model read back from a DCP checkpoint, one at a time, in one process.
+"""Tensors of a model read back from a checkpoint, one at a time, in one process.
 
-Two kinds of checkpoint are understood: a pma_dist DCP export (the model's tensors under their
-own names), and a training checkpoint that holds a Merger's state under ``pma_key`` beside the
-model under ``model_key``, from which the merge is computed here exactly as the Merger would.
+Three kinds of checkpoint are understood: a pma_dist DCP export (the model's tensors under their
+own names); a training checkpoint that holds a Merger's state under ``pma_key`` beside the
+model under ``model_key``; and a directory of per-rank state files (``Merger.save``, the
+DeepSpeed integration's checkpoint tag directories), which must then hold every tensor of the
+model. From the last two the merge is computed here exactly as the Merger would.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 
 from ..backends.sources import module_state
 from ..errors import PMAStateError
+from ..indexed_state import has_index
 from ..inspect_state import read_entries
+from ..saved_tensors import SavedTensors
 from ..state_format import StateHeader, unflatten
 from ..weights import resolve_weights
 from .atomic import ExportError
@@ -52,27 +56,54 @@ class OfflineSource:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config)
         self.names = module_state(self.model)
-        values, self.pma_tensors = read_entries(source, f"{pma_key}.")
-        _, self.all_tensors = read_entries(source, "")
         self.pma_key, self.model_key = pma_key, model_key
         self.order: list[int] = []
         self.weights: list[float] = []
         self.method = None
         self.averaged: set[str] = set()
-        if self.pma_tensors:
-            self._plan_merge(values, method, last, stride)
-
-    def _plan_merge(
-        self, values: dict[str, Any], method: str | None, last: int | None, stride: int | None
-    ) -> None:
+        self.saved: SavedTensors | None = None
+        self.pma_tensors: dict[str, Any] = {}
+        self.all_tensors: dict[str, Any] = {}
         try:
-            header = StateHeader.from_flat(unflatten(values), str(self.source))
+            if has_index(source):
+                self.saved = SavedTensors(source)
+                self._check_complete()
+                self._plan_merge(self.saved.header, method, last, stride)
+                return
+            values, self.pma_tensors = read_entries(source, f"{pma_key}.")
+            _, self.all_tensors = read_entries(source, "")
+            if self.pma_tensors:
+                header = StateHeader.from_flat(unflatten(values), str(self.source))
+                self._plan_merge(header, method, last, stride)
         except PMAStateError as err:
             raise ExportError(str(err)) from None
+
+    def _check_complete(self) -> None:
+        """Every tensor of the model is saved, a tied one under any of its names."""
+        ties: dict[int, list[str]] = {}
+        for name, tensor in self.names.items():
+            ties.setdefault(id(tensor), []).append(name)
+        self._saved_as = {
+            name: next((n for n in ties[id(t)] if n in self.saved.shapes), None)
+            for name, t in self.names.items()
+        }
+        missing = [name for name, saved in self._saved_as.items() if saved is None]
+        if missing:
+            named = ", ".join(map(repr, missing[:3])) + (" ..." if len(missing) > 3 else "")
+            raise ExportError(
+                f"{self.source}: the per-rank PMA state holds no {named} ({len(missing)} of the "
+                f"model's {len(self.names)} tensors): an export from it needs every tensor "
+                "averaged (buffers too: pma.average_buffers); export from a DCP checkpoint of "
+                "the model and the Merger instead"
+            )
+
+    def _plan_merge(
+        self, header: StateHeader, method: str | None, last: int | None, stride: int | None
+    ) -> None:
         self.order = header.merge_order()
         if not self.order:
             raise ExportError(f"{self.source}: the PMA state holds no valid snapshot")
-        self.averaged = set(header.names or ())
+        self.averaged = set(header.names or ()) | set(self._saved_as if self.saved else ())
         saved = header.config
         running = header.mode == "running"
         if running and (method not in (None, header.running_method) or last or stride):
@@ -110,7 +141,9 @@ class OfflineSource:
         """Meta tensors with the checkpoint's dtype for each of the model's tensors."""
         out = {}
         for name, tensor in self.names.items():
-            if self._averaged(name):
+            if self.saved is not None:
+                shape, dtype = self.saved.shapes[self._saved_as[name]], self.saved.dtype
+            elif self._averaged(name):
                 shape, dtype = self.pma_tensors[f"slots.0.{name}"]
             else:
                 shape, dtype = self.all_tensors[self._key(name)]
@@ -131,13 +164,18 @@ class OfflineSource:
                 key = self._key(name)
                 yield name, read_dcp_tensor(self.source, key, *self.all_tensors[key])
 
+    def _slots(self, name: str) -> Iterator[torch.Tensor]:
+        if self.saved is not None:
+            yield from self.saved.read(self._saved_as[name], self.order)
+            return
+        for slot in self.order:
+            fqn = f"{self.pma_key}.slots.{slot}.{name}"
+            yield read_dcp_tensor(self.source, fqn, *self.all_tensors[fqn])
+
     def _merge(self, name: str) -> torch.Tensor:
         """The weighted sum of the saved slots, in the order and precision the Merger uses."""
         acc = None
-        for slot, weight in zip(self.order, self.weights):
-            fqn = f"{self.pma_key}.slots.{slot}.{name}"
-            shape, dtype = self.all_tensors[fqn]
-            value = read_dcp_tensor(self.source, fqn, shape, dtype)
+        for value, weight in zip(self._slots(name), self.weights):
             if acc is None:
                 acc = value.mul_(weight)
             else:

@@ -221,13 +221,14 @@ def convert_to_hf(
     last: int | None = None,
     stride: int | None = None,
 ) -> Path:
-    """Write a Hugging Face directory from a DCP checkpoint, in this process alone.
+    """Write a Hugging Face directory from a checkpoint, in this process alone.
 
-    ``source`` is a pma_dist DCP export, or a training checkpoint saved with
-    ``dcp.save({model_key: ..., pma_key: merger, ...})``: then the merge is computed here from
-    the saved snapshots (``method``, ``last``, ``stride`` as in ``Merger.swapped``), with
-    parameters that were not
-    averaged taken from ``model_key``. ``config`` is a transformers config, or a path to a
+    ``source`` is a pma_dist DCP export; a training checkpoint saved with
+    ``dcp.save({model_key: ..., pma_key: merger, ...})``; or a directory of per-rank state files
+    (``Merger.save``, a DeepSpeed checkpoint tag), which must hold every tensor of the model.
+    From the last two the merge is computed here from the saved snapshots (``method``,
+    ``last``, ``stride`` as in ``Merger.swapped``), with parameters that were not averaged
+    taken from ``model_key``. ``config`` is a transformers config, or a path to a
     directory or file holding ``config.json``, naming the architecture.
     """
     from .offline import OfflineSource
