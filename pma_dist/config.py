@@ -54,6 +54,14 @@ class PMAConfig:
     folded in with a single lerp (cumulative SMA/WMA over all snapshots, or EMA), and the method
     fixed at configuration time."""
 
+    last: int | None = None
+    """The default merge's N in window mode: the newest ``last`` valid snapshots (None: every
+    one held). Merges take ``last=`` to choose another from the same ring."""
+
+    stride: int = 1
+    """The default merge's spacing in window mode: every ``stride``-th snapshot, so the merge's
+    V is ``stride`` intervals. Merges take ``stride=`` to choose another."""
+
     interval_tokens: int | None = None
     """V, tokens between snapshots, counted over all data-parallel ranks (the paper's spacing:
     about 4B tokens for 0.7B/7B-MoE models, 8B for 1.3B/13B, 80B for 10B/100B). Exactly one of
@@ -161,6 +169,7 @@ class PMAConfig:
                 f"pma.interval_tokens = {self.interval_tokens!r}, "
                 f"pma.interval_steps = {self.interval_steps!r}: set exactly one of them"
             )
+        self._check_default_merge(check)
         alpha = self.ema_alpha
         check(
             "ema_alpha",
@@ -192,6 +201,21 @@ class PMAConfig:
                 stacklevel=3,
             )
         return self
+
+    def _check_default_merge(self, check) -> None:
+        check("stride", _is_int(self.stride) and self.stride >= 1, "must be an integer >= 1")
+        if self.last is not None and not (_is_int(self.last) and self.last >= 1):
+            check("last", False, "must be an integer >= 1, or null (every snapshot held)")
+        elif self.running and (self.last is not None or self.stride != 1):
+            check("last" if self.last is not None else "stride", False, "needs window mode")
+        elif self.last is not None and _is_int(self.stride) and _is_int(self.window):
+            span = (self.last - 1) * self.stride + 1
+            check(
+                "last",
+                span <= self.window,
+                f"at stride {self.stride} spans {span} "
+                f"snapshots, more than pma.window = {self.window}",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as a plain dict that :meth:`from_dict` reads back."""

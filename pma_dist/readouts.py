@@ -58,7 +58,8 @@ class Readouts:
         decay-shaped ``"linear"``, ``"cosine"``, ``"minus_sqrt"``); ``weights`` gives one weight
         per snapshot held, oldest first (normalized); ``last=k`` merges the newest k only and
         ``stride=s`` every s-th of them (N = k, V = s x interval, from the same ring; see
-        :meth:`selection`). Enter it on every rank: under DeepSpeed pushing the master to the
+        :meth:`selection`); without ``weights``, ``last`` and ``stride``, the config's
+        ``last``/``stride``. Enter it on every rank: under DeepSpeed pushing the master to the
         working weights is collective, and an FSDP2 forward inside the body is too.
         """
         if self._swap_active:
@@ -184,4 +185,6 @@ class Readouts:
                 f"{self.schedule.next_due} {self.schedule.unit})"
             )
         method = method or self.config.method
+        if weights is None and last is None and stride is None:
+            last, stride = self.config.last, self.config.stride if self.config.stride > 1 else None
         return self._state.weights(method, self.config.ema_alpha, weights, last, stride)

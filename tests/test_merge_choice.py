@@ -141,3 +141,45 @@ def test_select_averages_the_loss_over_ranks() -> None:
 
     for r in run_ranks(_select_worker, 2):
         assert r["baseline"] == 0.5 and set(r["losses"]) == {0.5}, r
+
+
+def test_config_last_and_stride_choose_the_default_merge() -> None:
+    torch.manual_seed(0)
+    model = make_model()
+    config = PMAConfig.from_deepspeed(
+        {"pma": {"method": "minus_sqrt", "window": 6, "interval_steps": 1, "last": 2, "stride": 3}}
+    )
+    merger = Merger(model, None, config)
+    snapshots = []
+    for _ in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        merger.step(tokens=100)
+        snapshots.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+    c = 1 - math.sqrt(0.5)
+    expected = {n: (1 - c) * snapshots[2][n] + c * snapshots[5][n] for n in snapshots[0]}
+    merged = {k: v.double() for k, v in merger.merged_shards().items()}
+    assert_close_rel(merged, expected, 1e-6, "the config's default merge")
+    assert merger.selection() == [(3, 300), (6, 600)]
+    everything = merger.merged_shards("sma", weights=None, last=6)
+    assert_close_rel(
+        {k: v.double() for k, v in everything.items()},
+        {n: sum(s[n] for s in snapshots) / 6 for n in snapshots[0]},
+        1e-6,
+        "an explicit last overrides the config's",
+    )
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"window": 4, "last": 3, "stride": 2}, "pma.last = 3: at stride 2 spans 5 snapshots"),
+        ({"window": None, "last": 2}, "pma.last = 2: needs window mode"),
+        ({"window": 4, "stride": 0}, "pma.stride = 0: must be an integer >= 1"),
+        ({"window": 4, "last": 0}, "pma.last = 0: must be an integer >= 1"),
+    ],
+)
+def test_config_default_merge_errors_name_the_key(settings: dict, message: str) -> None:
+    with pytest.raises(PMAConfigError, match=message):
+        PMAConfig(interval_steps=1, **settings)

@@ -112,6 +112,8 @@ class OfflineSource:
                 f"method={method!r}, last, stride need a window-mode state"
             )
         self.method = method or saved["method"]
+        if last is None and stride is None:
+            last, stride = saved.get("last"), saved.get("stride", 1)
         if running:
             self.weights = [1.0]
             return
