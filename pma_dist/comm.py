@@ -88,6 +88,17 @@ def mean_over_ranks(
     return stacked.tolist()
 
 
+def max_over_ranks(value: int, group: dist.ProcessGroup | None = None) -> int:
+    """The largest ``value`` over the ranks of ``group``."""
+    group = group if group is not None else default_group()
+    if group is None:
+        return value
+    box = torch.tensor([value], dtype=torch.int64)
+    box = box.to(collective_device(group, box.device))
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=group)
+    return int(box.item())
+
+
 def broadcast_object(obj: Any, src: int = 0, group: dist.ProcessGroup | None = None) -> Any:
     """``obj`` from rank ``src`` on every rank."""
     group = group if group is not None else default_group()

@@ -34,6 +34,7 @@ from tests.support.deepspeed_runs import (  # noqa: E402
     make_moe_engine,
     moe_step,
 )
+from tests.support.probes import counted_calls  # noqa: E402
 
 PMA = {"method": "wma", "window": 3, "interval_steps": 1, "ema_alpha": 0.3}
 STEPS = 5
@@ -267,11 +268,18 @@ def _export_worker(rank, world_size, root) -> dict:
     with torch.no_grad(), engine.pma.swapped():
         merged = full_fp32(engine)
         logits = engine(input_ids=probe).logits.float()
-    engine.pma.export(Path(root) / "zero3", max_shard_size="24KB")
+    with counted_calls() as calls:
+        engine.pma.export(Path(root) / "zero3", max_shard_size="24KB")
     engine.save_checkpoint(str(Path(root) / "ckpt"), tag="t")
     if rank != 0:
-        return {}
-    return {"merged": merged, "logits": logits, "probe": probe, "snapshots": snapshots}
+        return {"calls": calls}
+    return {
+        "merged": merged,
+        "logits": logits,
+        "probe": probe,
+        "snapshots": snapshots,
+        "calls": calls,
+    }
 
 
 def test_zero3_export_loads_with_transformers(tmp_path: Path) -> None:
@@ -282,8 +290,16 @@ def test_zero3_export_loads_with_transformers(tmp_path: Path) -> None:
     from tests.support.cli import run_cli
     from tests.support.hf_models import hf_config
 
-    result = run_ranks(_export_worker, 2, str(tmp_path))[0]
+    results = run_ranks(_export_worker, 2, str(tmp_path))
+    result = results[0]
     assert verify_export(tmp_path / "zero3") == []
+    for r in results:
+        point_to_point = ("send numel", "recv numel")
+        moved = {k: v for k, v in r["calls"].items() if k.endswith(" numel")}
+        moved = {k: v for k, v in moved.items() if k not in point_to_point}
+        assert max(moved.values(), default=0) <= 64, ("only the writer gathers", r["calls"])
+    sends = [r["calls"]["send"] for r in results]
+    assert sum(sends) == sum(r["calls"]["recv"] for r in results) and all(sends), sends
     loaded, info = AutoModelForCausalLM.from_pretrained(
         tmp_path / "zero3", output_loading_info=True
     )

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..optimizers import optimizer_chain
 from .base import Fragment, Shard, canonical_name
+from .delivery import deliver_runs
 from .plain import buffer_shards
 from .sources import meta_state
 
@@ -194,8 +195,8 @@ class DeepSpeedBackend:
 
 
 class MasterSource:
-    """Full fp32 parameters put together from the master fragments every rank holds (one
-    all-reduce per tensor; each element lives on exactly one rank), under global names (MoE
+    """Full fp32 parameters put together from the master fragments the ranks hold (each
+    element on exactly one rank), on the ranks that write them, under global names (MoE
     experts numbered ``ep_rank * num_local_experts + local_id``), and the module's buffers."""
 
     dcp_state = None
@@ -226,33 +227,33 @@ class MasterSource:
         return out
 
     def tensors(self, names: Iterable[str], writers=None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every full master on every rank (an all-reduce of each rank's pieces), whatever
-        ``writers`` says: a flat partition's pieces are not yet sent to the writer alone."""
-        import torch.distributed as dist
-
+        """Each full master on the ranks that write it (``writers``, per name; without, every
+        rank), a meta tensor elsewhere: each holder sends its runs there
+        (:func:`~.delivery.deliver_runs`). Collective."""
         from .. import comm
 
-        shards = [s for s in self.backend.shards() if not s.buffer]
-        device = shards[0].local.device if shards else torch.device("cpu")
-        pieces: dict[str, list[tuple[torch.Tensor, Fragment]]] = {}
-        for shard in shards:
-            for f in shard.fragments:
-                pieces.setdefault(f.param, []).append((shard.local.view(-1), f))
+        pieces: dict[str, list[tuple[torch.Tensor, int]]] = {}
+        for shard in self.backend.shards():
+            for f in shard.fragments if not shard.buffer else ():
+                flat = shard.local.view(-1)[f.local_start : f.local_start + f.numel]
+                pieces.setdefault(f.param, []).append((flat, f.start))
         group = comm.default_group()
+        world = range(comm.world_size(group))
+        most = comm.max_over_ranks(max((len(p) for p in pieces.values()), default=0), group)
         with torch.no_grad():
             for name in names:
                 if name in self.buffers:
                     yield name, self.buffers[name].detach()
                     continue
-                full = torch.zeros(math.prod(self.shapes[name]), dtype=torch.float32, device=device)
-                for flat, f in pieces.get(name, ()):
-                    full[f.start : f.start + f.numel] = flat[
-                        f.local_start : f.local_start + f.numel
-                    ]
-                if group is not None:
-                    full = full.to(comm.collective_device(group, full.device))
-                    dist.all_reduce(full, group=group)
-                yield name, full.view(self.shapes[name])
+                runs, shape = pieces.get(name, []), self.shapes[name]
+                if group is None:
+                    full = torch.empty(math.prod(shape), dtype=torch.float32)
+                    for piece, start in runs:
+                        full[start : start + piece.numel()] = piece
+                    yield name, full.view(shape)
+                    continue
+                targets = writers[name] if writers is not None else world
+                yield name, deliver_runs(runs, shape, targets, dist.get_rank(), group, most)
 
 
 def _param_names(module: nn.Module) -> set[str]:

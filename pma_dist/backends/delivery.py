@@ -8,6 +8,10 @@ tensor in host memory (through a buffer of one piece where the piece is not cont
 or lives on an accelerator). Ranks outside the writer's slice take no
 part. Replicated tensors need no communication. Any other layout falls back to
 ``full_tensor()`` on every rank.
+
+A tensor held as runs of flat elements on several ranks (DeepSpeed's flat fp32 partitions)
+reaches its writers the same way: the ranks first exchange where their runs lie (a few
+integers per rank), then each holder sends its runs to each writer, point to point.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from collections.abc import Collection
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+from ..comm import collective_device
 
 
 def meta_like(tensor: torch.Tensor) -> torch.Tensor:
@@ -85,3 +91,53 @@ def _gather_pieces(
             dist.recv(piece, src=member, group=group)
             target.copy_(piece)
     return full
+
+
+def deliver_runs(
+    runs: list[tuple[torch.Tensor, int]],
+    shape: tuple[int, ...],
+    writers: Collection[int],
+    me: int,
+    group: dist.ProcessGroup,
+    max_runs: int,
+) -> torch.Tensor:
+    """The fp32 tensor of ``shape`` whose elements this rank holds as ``runs`` (flat pieces
+    and where each starts in the flattened tensor; every element on exactly one rank, at most
+    ``max_runs`` runs per rank) in full on each global rank in ``writers`` (host memory), a
+    meta tensor elsewhere. Collective over ``group``."""
+    runs = [(piece, start) for piece, start in runs if piece.numel()]
+    wire = collective_device(group, runs[0][0].device if runs else torch.device("cpu"))
+    layout = torch.zeros(2 * max_runs, dtype=torch.int64)
+    for i, (piece, start) in enumerate(runs):
+        layout[2 * i], layout[2 * i + 1] = start, piece.numel()
+    everyone = [torch.empty_like(layout, device=wire) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, layout.to(wire), group=group)
+    members = dist.get_process_group_ranks(group)
+    held = {
+        member: [(int(t[2 * i]), int(t[2 * i + 1])) for i in range(max_runs) if t[2 * i + 1]]
+        for member, t in zip(members, (t.cpu() for t in everyone))
+    }
+    out = torch.empty(shape, dtype=torch.float32, device="meta")
+    for writer in sorted(writers):
+        if me != writer:
+            for piece, _ in runs:
+                dist.send(piece.to(wire).contiguous(), dst=writer, group=group)
+            continue
+        full = torch.empty(out.numel(), dtype=torch.float32, device="cpu")
+        covered = 0
+        for member in members:
+            for k, (start, count) in enumerate(held[member]):
+                target = full[start : start + count]
+                if member == me:
+                    target.copy_(runs[k][0])
+                elif wire.type == "cpu":
+                    dist.recv(target, src=member, group=group)
+                else:
+                    piece = torch.empty(count, dtype=full.dtype, device=wire)
+                    dist.recv(piece, src=member, group=group)
+                    target.copy_(piece)
+                covered += count
+        if covered != full.numel():
+            raise RuntimeError(f"ranks hold {covered} of the tensor's {full.numel()} elements")
+        out = full.view(shape)
+    return out
