@@ -268,7 +268,7 @@ def _export_worker(rank, world_size, root) -> dict:
     with torch.no_grad(), engine.pma.swapped():
         merged = full_fp32(engine)
         logits = engine(input_ids=probe).logits.float()
-    with counted_calls() as calls:
+    with counted_calls(sizes=True) as calls:
         engine.pma.export(Path(root) / "zero3", max_shard_size="24KB")
     engine.save_checkpoint(str(Path(root) / "ckpt"), tag="t")
     if rank != 0:

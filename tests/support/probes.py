@@ -30,10 +30,11 @@ def judged_snapshot(merger: Merger) -> bool:
 
 
 @contextmanager
-def counted_calls(*extra: tuple[object, str]) -> Iterator[Counter]:
+def counted_calls(*extra: tuple[object, str], sizes: bool = False) -> Iterator[Counter]:
     """Count calls of every ``torch.distributed`` collective and every ``Tensor`` method that
     waits for a device's result (and of the ``(owner, name)`` functions in ``extra``), made
-    inside the block; ``"<collective> numel"`` is the most elements one call of it moved."""
+    inside the block. With ``sizes``, ``"<collective> numel"`` is also the most elements one
+    call of it moved."""
     calls: Counter = Counter()
     originals = []
 
@@ -42,10 +43,10 @@ def counted_calls(*extra: tuple[object, str]) -> Iterator[Counter]:
 
         def wrapper(*args, **kwargs):
             calls[name] += 1
-            if owner is dist:
+            if sizes and owner is dist:
                 flat = [t for a in args for t in (a if isinstance(a, list) else [a])]
-                sizes = [t.numel() for t in flat if isinstance(t, torch.Tensor)]
-                calls[f"{name} numel"] = max([calls[f"{name} numel"], *sizes])
+                numels = [t.numel() for t in flat if isinstance(t, torch.Tensor)]
+                calls[f"{name} numel"] = max([calls[f"{name} numel"], *numels])
             return original(*args, **kwargs)
 
         originals.append((owner, name, original))
