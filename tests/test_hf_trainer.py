@@ -62,6 +62,18 @@ class Crash(TrainerCallback):
         setattr(self, hook, crash)
 
 
+class SaveLate(TrainerCallback):
+    """Asks for a checkpoint at ``step`` after ``PMACallback.on_step_end`` has run, as a save
+    decided by evaluation (``save_strategy="best"``) is."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+
+
 def _trainer(out: Path, callbacks: list, **overrides):
     from transformers import Trainer, TrainingArguments
 
@@ -105,15 +117,16 @@ def _params(trainer) -> dict[str, torch.Tensor]:
     return full_state(trainer.model)
 
 
-def _resume(out: Path, crash: Crash) -> dict:
-    """Train until ``crash``, then resume from the last checkpoint in a new trainer."""
+def _resume(out: Path, crash: Crash, *later: TrainerCallback, **overrides) -> dict:
+    """Train until ``crash``, then resume from the last checkpoint in a new trainer once every
+    rank has stopped (rank 0 may still be writing the checkpoint when the others stop)."""
     try:
-        _trainer(out, [crash, PMACallback(PMA)]).train()
+        _trainer(out, [crash, PMACallback(PMA), *later], **overrides).train()
     except KeyboardInterrupt:
-        pass
+        torch.distributed.barrier()
     saved = {p.name for p in out.iterdir()} | {p.name for p in (out / "checkpoint-3").iterdir()}
     callback = PMACallback(PMA)
-    trainer = _trainer(out, [callback])
+    trainer = _trainer(out, [callback], **overrides)
     trainer.train(resume_from_checkpoint=True)
     with callback.merger.swapped():
         merged = _params(trainer)
@@ -144,6 +157,9 @@ def _ddp_worker(rank: int, world_size: int, root: str) -> dict:
 
     out["on_save"] = _resume(root / "a", Crash("on_save", SAVE_STEPS))
     out["after_save"] = _resume(root / "b", Crash("on_step_begin", SAVE_STEPS + 1))
+    late = SaveLate(SAVE_STEPS)
+    crash = Crash("on_step_begin", SAVE_STEPS + 1)
+    out["saved_late"] = _resume(root / "c", crash, late, save_strategy="no")
 
     try:
         _trainer(root / "fsdp", [PMACallback(PMA)], fsdp=True).train()
@@ -172,13 +188,14 @@ def test_ddp_merge_export_evaluate_resume_and_fsdp_refusal(tmp_path: Path) -> No
     assert pma_loss == pytest.approx(result["eval_reference"]["eval_loss"], rel=1e-5)
     assert pma_loss != pytest.approx(result["eval_reference"]["eval_loss"] + 1.0)
 
-    for case in ("on_save", "after_save"):
+    for case in ("on_save", "after_save", "saved_late"):
         resumed = result[case]
         assert_bitwise_equal(resumed["merged"], result["merged"], f"merge resumed ({case})")
         assert_bitwise_equal(resumed["live"], result["live"], f"weights resumed ({case})")
     assert "pma-staging-3" in result["on_save"]["saved"], "stopped before the rename"
     assert "pma" not in result["on_save"]["saved"]
-    assert "pma" in result["after_save"]["saved"]
+    for case in ("after_save", "saved_late"):
+        assert "pma" in result[case]["saved"] and "pma-staging-3" not in result[case]["saved"]
 
     refusal = "TrainingArguments(fsdp=True) is set but the model's parameters are not sharded"
     assert refusal in result["fsdp"], result["fsdp"]
