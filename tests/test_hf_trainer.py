@@ -21,6 +21,7 @@ pytest.importorskip("accelerate")
 
 from transformers import TrainerCallback, TrainerControl, TrainerState  # noqa: E402
 
+from pma_dist import PMAConfigError  # noqa: E402
 from pma_dist.integrations.hf import PMACallback  # noqa: E402
 from pma_dist.testing import (  # noqa: E402
     assert_bitwise_equal,
@@ -222,8 +223,11 @@ def _deepspeed_worker(rank: int, world_size: int, root: str) -> dict:
         trainer.train()
         with callback.merger.swapped():
             merged = masters(trainer)
+        live = masters(trainer)
+        losses = (trainer.evaluate()["eval_loss"], callback.evaluate(trainer)["eval_pma_loss"])
+        assert_bitwise_equal(masters(trainer), live, f"ZeRO-{stage} masters after evaluate")
         kind = callback.merger.backend.kind
-        out[stage] = {"weights": recorder.weights, "merged": merged, "kind": kind}
+        out[stage] = {"weights": recorder.weights, "merged": merged, "kind": kind, "eval": losses}
 
     class Attach(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -260,6 +264,8 @@ def test_deepspeed_pma_section_merges_fp32_masters(tmp_path: Path) -> None:
         snapshots = run["weights"][1::2]
         expected = window_reference(snapshots, 3, "ema", DS_PMA["ema_alpha"])
         assert_close_rel(run["merged"], expected, 1e-6, f"ZeRO-{stage} merge")
+        live_loss, pma_loss = run["eval"]
+        assert pma_loss != pytest.approx(live_loss, rel=1e-4), "evaluated the merge"
     engine = result["engine"]
     assert engine["same"] and engine["count"] == 3, "the engine's Merger, stepped once a step"
     assert "pma" not in engine["saved"] and "pma" in engine["tag"], "saved by the engine"
@@ -288,3 +294,8 @@ def test_refused_before_training(config, counted: str, message: str) -> None:
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         )
     assert callback.merger is None
+
+
+def test_a_bad_config_fails_when_the_callback_is_made() -> None:
+    with pytest.raises(PMAConfigError, match="pma.window = 0: must be a positive integer"):
+        PMACallback({"window": 0, "interval_steps": 1})

@@ -202,15 +202,16 @@ def _calling_trainer(callback: TrainerCallback) -> Any:
 
 
 def _deepspeed_section(args, deepspeed: Any) -> PMAConfig:
-    """The ``"pma"`` section of ``TrainingArguments(deepspeed=...)`` (a dict or a JSON path)."""
-    config = PMAConfig.from_deepspeed(read_config(args.deepspeed) or {}) if deepspeed else None
-    if config is None:
-        where = 'TrainingArguments(deepspeed=...) has no enabled "pma" section'
+    """The ``"pma"`` section of ``TrainingArguments(deepspeed=...)`` (a dict or a JSON path);
+    one with ``"enabled": false`` leaves the callback idle."""
+    section = (read_config(args.deepspeed) or {}).get("pma") if deepspeed else None
+    if section is None:
+        where = 'TrainingArguments(deepspeed=...) has no "pma" section'
         raise ValueError(
             f"PMACallback(config=None): {where if deepspeed else 'this run does not use DeepSpeed'}"
             '; pass a config, e.g. PMACallback({"window": 10, "interval_tokens": "4B"})'
         )
-    return config
+    return PMAConfig.from_dict(section)
 
 
 def _refuse_unsharded_fsdp(args, model) -> None:
