@@ -28,7 +28,7 @@ import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -40,6 +40,10 @@ from ..merger import Merger
 from ..persistence import has_files
 from .deepspeed import read_config
 
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import TrainingArguments
+
 log = logging.getLogger("pma_dist")
 
 STATE_DIR = "pma"
@@ -48,7 +52,7 @@ STAGING = "pma-staging-{step}"
 """Where the state of the checkpoint at ``step`` is written before the Trainer writes it (a name
 the Trainer neither resumes from nor rotates)."""
 _FRAMES = 6
-"""How far up the calling frames :func:`_calling_trainer` looks."""
+"""Calling frames :func:`_calling_trainer` looks through."""
 
 
 class PMACallback(TrainerCallback):
@@ -79,7 +83,7 @@ class PMACallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.close()
-        self.merger = None
+        self.merger, self._staged = None, None
         engine = getattr(_calling_trainer(self), "model_wrapped", None)
         engine = engine if is_deepspeed_engine(engine) else None
         config = self.config or _deepspeed_section(args, engine or zero_optimizer_of(optimizer))
@@ -111,10 +115,19 @@ class PMACallback(TrainerCallback):
         self.merger.step(tokens)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._stage(args, state, control)
+        """Write the state of a checkpoint the Trainer is about to save, before it does (the
+        Trainer's ``DefaultFlowCallback`` has set ``should_save`` by now). Also at epoch end."""
+        if self.merger is None or self._engine_steps or not control.should_save:
+            return
+        if self._staged == state.global_step:
+            return
+        path = _staging(args, state.global_step)
+        if comm.rank(self.merger.process_group) == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        self.merger.save(path)
+        self._staged = state.global_step
 
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._stage(args, state, control)
+    on_epoch_end = on_step_end
 
     def on_save(self, args, state, control, **kwargs):
         if self.merger is None or self._engine_steps:
@@ -123,7 +136,7 @@ class PMACallback(TrainerCallback):
         staged, self._staged = self._staged == state.global_step, None
         if not staged:
             self.merger.save(target)
-        elif comm.rank(self.merger.process_group) == 0:
+        elif comm.rank(self.merger.process_group) == 0:  # every rank's file is on disk already
             shutil.rmtree(target, ignore_errors=True)
             os.replace(_staging(args, state.global_step), target)
         if comm.rank(self.merger.process_group) == 0:
@@ -157,19 +170,7 @@ class PMACallback(TrainerCallback):
         if self.merger is not None and not self._engine_steps:
             self.merger.close()
 
-    def _stage(self, args, state, control) -> None:
-        """Write the state of a checkpoint the Trainer is about to save, before it does."""
-        if self.merger is None or self._engine_steps or not control.should_save:
-            return
-        if self._staged == state.global_step:
-            return
-        path = _staging(args, state.global_step)
-        if comm.rank(self.merger.process_group) == 0:
-            shutil.rmtree(path, ignore_errors=True)
-        self.merger.save(path)
-        self._staged = state.global_step
-
-    def _resume(self, args, step: int) -> None:
+    def _resume(self, args: TrainingArguments, step: int) -> None:
         """Load the state of the checkpoint resumed from: its ``pma`` directory, else the
         staging one of a run stopped before the rename, else an engine's own (DeepSpeed tag)."""
         checkpoint = _resumed_checkpoint(args, step)
@@ -201,7 +202,7 @@ def _calling_trainer(callback: TrainerCallback) -> Any:
     return None
 
 
-def _deepspeed_section(args, deepspeed: Any) -> PMAConfig:
+def _deepspeed_section(args: TrainingArguments, deepspeed: Any) -> PMAConfig:
     """The ``"pma"`` section of ``TrainingArguments(deepspeed=...)`` (a dict or a JSON path);
     one with ``"enabled": false`` leaves the callback idle."""
     section = (read_config(args.deepspeed) or {}).get("pma") if deepspeed else None
@@ -214,7 +215,7 @@ def _deepspeed_section(args, deepspeed: Any) -> PMAConfig:
     return PMAConfig.from_dict(section)
 
 
-def _refuse_unsharded_fsdp(args, model) -> None:
+def _refuse_unsharded_fsdp(args: TrainingArguments, model: nn.Module) -> None:
     from torch.distributed.tensor import DTensor
 
     if args.fsdp and not any(isinstance(p, DTensor) for p in model.parameters()):
@@ -237,15 +238,15 @@ def _check_token_source(config: PMAConfig, counted: bool) -> None:
         )
 
 
-def _checkpoint(args, step: int) -> Path:
+def _checkpoint(args: TrainingArguments, step: int) -> Path:
     return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
 
 
-def _staging(args, step: int) -> Path:
+def _staging(args: TrainingArguments, step: int) -> Path:
     return Path(args.output_dir) / STAGING.format(step=step)
 
 
-def _resumed_checkpoint(args, step: int) -> Path:
+def _resumed_checkpoint(args: TrainingArguments, step: int) -> Path:
     """The checkpoint this run resumed from: ``args.resume_from_checkpoint``, else the one
     ``resume_from_checkpoint=True`` picks; either must have saved this very step."""
     for candidate in (args.resume_from_checkpoint, _checkpoint(args, step)):
