@@ -79,3 +79,19 @@ def hf_train_step(model: nn.Module, optimizer, step: int, rank: int, world_size:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """``length`` fixed random sequences of ``SEQ`` tokens, each its own labels: the
+    ``train_dataset``/``eval_dataset`` of a transformers ``Trainer``."""
+
+    def __init__(self, length: int, seed: int = 7000) -> None:
+        self.length, self.seed = length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed + index)
+        tokens = torch.randint(0, VOCAB, (SEQ,), generator=g)
+        return {"input_ids": tokens, "labels": tokens.clone()}
