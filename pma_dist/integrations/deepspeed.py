@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,15 @@ def initialize(*args: Any, config: Any = None, config_params: Any = None, **kwar
 
 _PATCHED = ("step", "save_checkpoint", "load_checkpoint")
 _MISSING = object()
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The Merger attached to each engine, by the engine's ZeRO optimizer: what a trainer's hooks
+receive instead of the engine."""
+
+
+def merger_of(optimizer: Any) -> Merger | None:
+    """The Merger :func:`attach` gave the engine whose ZeRO optimizer is ``optimizer``, if any:
+    one Merger per engine, however PMA was turned on."""
+    return _ATTACHED.get(optimizer)
 
 
 def attach(engine, config: PMAConfig | Mapping[str, Any]) -> Merger:
@@ -85,6 +95,7 @@ def attach(engine, config: PMAConfig | Mapping[str, Any]) -> Merger:
     merger = Merger(engine, engine.optimizer, config)
     engine._pma_originals = {name: engine.__dict__.get(name, _MISSING) for name in _PATCHED}
     engine.pma = merger
+    _ATTACHED[engine.optimizer] = merger
     _hook_step(engine, merger)
     _hook_checkpoints(engine, merger)
     return merger
@@ -103,6 +114,7 @@ def detach(engine) -> Merger | None:
         else:
             setattr(engine, name, original)
     del engine.pma
+    _ATTACHED.pop(engine.optimizer, None)
     merger.close()
     return merger
 

@@ -1,10 +1,10 @@
 """PMA in the transformers ``Trainer``: ``Trainer(..., callbacks=[PMACallback(config)])``.
 
-* ``on_train_begin`` builds the Merger over what the Trainer trains: DeepSpeed, the engine
-  (``trainer.model_wrapped``) and its ZeRO optimizer, as :func:`pma_dist.deepspeed.attach`
-  does, so the fp32 master partitions are averaged (an engine that already has ``engine.pma``
-  keeps it, and steps it itself); FSDP2, the DTensor shards; DDP or one process, the unwrapped
-  model. ``TrainingArguments(fsdp=...)`` on parameters left unsharded is refused.
+* ``on_train_begin`` builds the Merger over what the Trainer trains: DeepSpeed, the model and
+  the ZeRO optimizer inside the one the hook gets, so the fp32 master partitions are averaged
+  (an engine given a Merger by :func:`pma_dist.deepspeed.attach` keeps it, found through its
+  optimizer, and steps it itself); FSDP2, the DTensor shards; DDP or one process, the
+  unwrapped model. ``TrainingArguments(fsdp=...)`` on parameters left unsharded is refused.
 * ``on_optimizer_step`` steps it with the step's global tokens: the growth of
   ``state.num_input_tokens_seen``, which the Trainer sums over ranks when
   ``include_num_input_tokens_seen`` is on, else ``pma.tokens_per_step``.
@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,11 +33,11 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import comm
-from ..backends.deepspeed import is_deepspeed_engine, zero_optimizer_of
+from ..backends.deepspeed import zero_optimizer_of
 from ..config import PMAConfig
 from ..merger import Merger
 from ..persistence import has_files
-from .deepspeed import read_config
+from .deepspeed import merger_of, read_config
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,8 +50,6 @@ STATE_DIR = "pma"
 STAGING = "pma-staging-{step}"
 """Where the state of the checkpoint at ``step`` is written before the Trainer writes it (a name
 the Trainer neither resumes from nor rotates)."""
-_FRAMES = 6
-"""Calling frames :func:`_calling_trainer` looks through."""
 
 
 class PMACallback(TrainerCallback):
@@ -84,23 +81,17 @@ class PMACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.close()
         self.merger, self._staged = None, None
-        engine = getattr(_calling_trainer(self), "model_wrapped", None)
-        engine = engine if is_deepspeed_engine(engine) else None
-        config = self.config or _deepspeed_section(args, engine or zero_optimizer_of(optimizer))
+        zero = zero_optimizer_of(optimizer)
+        config = self.config or _deepspeed_section(args, zero)
         if not config.enabled:
             return
         _refuse_unsharded_fsdp(args, model)
-        existing = getattr(engine, "pma", None)
+        existing = merger_of(zero) if zero is not None else None
         self._engine_steps = existing is not None
         counted = args.include_num_input_tokens_seen not in ("no", False, None)
         self._count_tokens = counted and not self._engine_steps
         _check_token_source(existing.config if existing else config, self._count_tokens)
-        if existing is not None:
-            self.merger = existing
-        elif engine is not None:
-            self.merger = Merger(engine, engine.optimizer, config)
-        else:
-            self.merger = Merger(model, optimizer, config)
+        self.merger = existing or Merger(model, optimizer, config)
         self._tokens_seen = state.num_input_tokens_seen
         if state.global_step > 0:
             self._resume(args, state.global_step)
@@ -184,22 +175,6 @@ class PMACallback(TrainerCallback):
             return
         self.merger.check_saved(found)
         self.merger.load(found)
-
-
-def _calling_trainer(callback: TrainerCallback) -> Any:
-    """The Trainer whose callback handler runs ``callback``'s hook, or None. Hooks get neither
-    the trainer nor its DeepSpeed engine (``trainer.model_wrapped``), so the few frames above are
-    searched for the object whose ``callback_handler`` holds this very callback."""
-    frame = sys._getframe(1)
-    for _ in range(_FRAMES):
-        frame = frame.f_back
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        callbacks = getattr(getattr(owner, "callback_handler", None), "callbacks", ())
-        if any(c is callback for c in callbacks):
-            return owner
-    return None
 
 
 def _deepspeed_section(args: TrainingArguments, deepspeed: Any) -> PMAConfig:
