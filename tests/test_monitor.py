@@ -194,3 +194,22 @@ def test_monitor_on_ranks_writes_once(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (tmp_path / "logs" / "pma_monitor.jsonl").open()]
     assert [r["live_loss"] for r in records] == [0.5, 0.5], "losses averaged over the ranks"
     assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def test_monitor_logs_to_the_active_wandb_run(tmp_path: Path, monkeypatch) -> None:
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="pma-test")
+    try:
+        monitored = Run(tmp_path)
+        monitored.train(4)
+        records = monitored.records()
+        summary = dict(run.summary)
+    finally:
+        run.finish()
+    assert summary["_step"] == len(records) - 1 == 1, "one W&B log per evaluation"
+    assert summary["pma/step"] == records[-1]["step"]
+    assert summary["pma/live_loss"] == pytest.approx(records[-1]["live_loss"])
+    assert summary["pma/best_so_far_loss"] == pytest.approx(records[-1]["best_so_far"]["loss"])
+    tag = "pma/merge/" + records[-1]["merges"][0]["merge"].replace("=", "").replace(" ", "_")
+    assert summary[tag] == pytest.approx(records[-1]["merges"][0]["loss"])
