@@ -30,6 +30,7 @@ from . import comm
 from .averaging import AveragingState
 from .backends.base import Shard
 from .errors import PMAStateError
+from .files import fsync_path
 from .offload import chunks
 from .safetensors_io import DTYPES, write_safetensors
 from .state_files import FORMAT, Copy, bit_checksum, plan_copies
@@ -113,6 +114,7 @@ def _write_rank_file(path: Path, save_id: str, rank: int, slots: list[list[torch
     temp = path.with_suffix(".tmp")
     write_safetensors(temp, tensors, meta)
     os.replace(temp, path)
+    fsync_path(path.parent)
 
 
 def _replace(path: Path, data: bytes) -> None:
@@ -122,6 +124,7 @@ def _replace(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, path)
+    fsync_path(path.parent)
 
 
 def read_index(directory: Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .. import comm
+from ..files import fsync_path
 from .manifest import MANIFEST, write_manifest
 
 Body = Callable[[Path], dict]
@@ -60,15 +61,6 @@ def make_temp_dir(target: Path) -> Path:
     temp = target.parent / f".{target.name}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
     temp.mkdir()
     return temp
-
-
-def fsync_path(path: Path) -> None:
-    """Flush a file or a directory entry to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def ensure_space(directory: Path, needed: int) -> None:
