@@ -130,3 +130,15 @@ def gather_to_first(obj: Any, group: dist.ProcessGroup | None = None) -> list[An
     out: list[Any] | None = [None] * dist.get_world_size(group) if mine else None
     dist.gather_object(obj, out, dst=first, group=group)
     return out
+
+
+def scatter_from_first(objs: list[Any] | None, group: dist.ProcessGroup | None = None) -> Any:
+    """Item r of ``objs`` (given on the group's first rank) on the group's rank r: each rank
+    receives its own item only."""
+    group = group if group is not None else default_group()
+    if group is None:
+        return objs[0]
+    out: list[Any] = [None]
+    first = dist.get_global_rank(group, 0)
+    dist.scatter_object_list(out, objs if dist.get_rank(group) == 0 else None, first, group)
+    return out[0]

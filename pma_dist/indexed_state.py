@@ -1,11 +1,14 @@
 """Averaging state as one safetensors file per rank plus one small index, resumed reading only
 this rank's share.
 
-Save (collective): every rank writes ``pma_<id>_rank<r>.safetensors``, its slot tensors flat, with
-a checksum per chunk of ``CHUNK_NUMEL`` elements in the file's header; then rank 0 gathers the
-fragments (which parameter elements each saved shard holds) and writes ``pma_index.json``, the
-state header and the save's id, last and atomically. The id names the files, so until the new
-index replaces the old one the previous save is whole; stale files are removed afterwards.
+Save (collective): rank 0 gathers the fragments (which parameter elements each rank's shards
+hold) and tells each rank which of its shards it saves: the first rank holding given elements,
+so DDP and HSDP replicas and buffers are written once, not once per replica. Every rank writes
+``pma_<id>_rank<r>.safetensors``, those slot tensors flat, with a checksum per chunk of
+``CHUNK_NUMEL`` elements in the file's header; then rank 0 writes ``pma_index.json`` (the state
+header, the save's id and the saved fragments), last and atomically. The id names the files, so
+until the new index replaces the old one the previous save is whole; stale files are removed
+afterwards.
 
 Load: every rank reads the index, plans which saved runs fill its own fragments
 (:func:`~pma_dist.state_files.plan_copies`), opens only the files those runs lie in, reads their
@@ -30,7 +33,7 @@ from . import comm
 from .averaging import AveragingState
 from .backends.base import Shard
 from .errors import PMAStateError
-from .files import fsync_path
+from .files import fsync_path, replace_durably
 from .offload import chunks
 from .safetensors_io import DTYPES, write_safetensors
 from .state_files import FORMAT, Copy, bit_checksum, plan_copies
@@ -70,16 +73,25 @@ def write_indexed(
     missing = [s.name for s in shards if s.local.numel() and not s.fragments]
     if missing:
         raise PMAStateError(f"shards {missing[:3]} have a layout without fragments")
-    if rank == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    save_id = comm.broadcast_object(uuid.uuid4().hex[:12] if rank == 0 else None, group=group)
-    _write_rank_file(directory / file_name(save_id, rank), save_id, rank, slots)
     fragments = [
         [(f.param, list(f.shape), f.start, f.numel, f.local_start) for f in s.fragments]
         for s in shards
     ]
     gathered = comm.gather_to_first(fragments, group=group)
+    plan = None
     if rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_id = uuid.uuid4().hex[:12]
+        writes = _first_copies(gathered)
+        plan = [(save_id, w) for w in writes]
+    save_id, mine = comm.scatter_from_first(plan, group=group)
+    _write_rank_file(directory / file_name(save_id, rank), save_id, rank, slots, mine)
+    comm.gather_to_first(None, group=group)
+    if rank == 0:
+        files = [
+            {"fragments": [f if w else [] for f, w in zip(frags, ws)]}
+            for frags, ws in zip(gathered, writes)
+        ]
         index = {
             "format": INDEX_FORMAT,
             "version": FORMAT_VERSION,
@@ -87,9 +99,9 @@ def write_indexed(
             "world_size": len(gathered),
             "num_slots": len(slots),
             "header": header.to_flat(),
-            "files": [{"fragments": f} for f in gathered],
+            "files": files,
         }
-        _replace(directory / INDEX, json.dumps(index).encode())
+        replace_durably(directory / INDEX, json.dumps(index).encode())
         keep = {file_name(save_id, r) for r in range(len(gathered))}
         for stale in directory.glob("pma_*_rank*.safetensors"):
             if stale.name not in keep:
@@ -98,12 +110,32 @@ def write_indexed(
     return directory
 
 
-def _write_rank_file(path: Path, save_id: str, rank: int, slots: list[list[torch.Tensor]]) -> None:
-    """A safetensors file of every slot of every shard, flat (:func:`tensor_name`), streamed
-    one tensor at a time, with per-chunk checksums in its metadata; written aside, then moved
-    into place."""
+def _first_copies(gathered: list[list[list]]) -> list[list[bool]]:
+    """Per rank and shard, whether that rank saves the shard: the first rank holding the same
+    elements does (DDP and HSDP replicas, buffers are saved once, not once per replica)."""
+    seen: set = set()
+    writes = []
+    for fragments in gathered:
+        mine = []
+        for shard in fragments:
+            key = tuple((param, start, numel) for param, _, start, numel, _ in shard)
+            mine.append(bool(shard) and key not in seen)
+            seen.add(key)
+        writes.append(mine)
+    return writes
+
+
+def _write_rank_file(
+    path: Path, save_id: str, rank: int, slots: list[list[torch.Tensor]], writes: list[bool]
+) -> None:
+    """A safetensors file of every slot of each shard this rank saves (``writes``), flat
+    (:func:`tensor_name`), streamed one tensor at a time, with per-chunk checksums in its
+    metadata; written aside, then moved into place."""
     tensors = {
-        tensor_name(k, i): t.reshape(-1) for k, slot in enumerate(slots) for i, t in enumerate(slot)
+        tensor_name(k, i): t.reshape(-1)
+        for k, slot in enumerate(slots)
+        for i, t in enumerate(slot)
+        if writes[i]
     }
     sums = {
         name: [bit_checksum(flat[part]) for part in chunks(flat.numel(), CHUNK_NUMEL)]
@@ -113,16 +145,6 @@ def _write_rank_file(path: Path, save_id: str, rank: int, slots: list[list[torch
     meta |= {"rank": str(rank), "chunk_numel": str(CHUNK_NUMEL), "checksums": json.dumps(sums)}
     temp = path.with_suffix(".tmp")
     write_safetensors(temp, tensors, meta)
-    os.replace(temp, path)
-    fsync_path(path.parent)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    temp = path.with_suffix(".tmp")
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(temp, path)
     fsync_path(path.parent)
 

@@ -169,7 +169,7 @@ def test_a_save_interrupted_before_its_index_leaves_the_previous_one(
     def crash(path, data):
         raise OSError("disk full")
 
-    monkeypatch.setattr(indexed_state, "_replace", crash)
+    monkeypatch.setattr(indexed_state, "replace_durably", crash)
     with pytest.raises(OSError, match="disk full"):
         merger.save(directory)
     monkeypatch.undo()

@@ -127,3 +127,53 @@ def test_resume_reads_only_its_share(tmp_path: Path) -> None:
             else:
                 assert len(opened) <= 3 and rank * 2 + 1 in opened, (where, opened)
         assert_bitwise_equal(results[0]["merged"], saved, f"the saved merge, loaded at {world}")
+
+
+def _replicas_worker(rank: int, world_size: int, root: str) -> dict:
+    """HSDP, 2 replica groups of 2 (and every rank's buffers-free plain copy of the same model):
+    each element is saved by one rank, and the state loads back at 2 ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tests.support.models import make_model
+
+    torch.manual_seed(0)
+    hsdp = make_model()
+    fully_shard(hsdp, mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard")))
+    plain = make_model()
+    out = {}
+    for name, model in (("hsdp", hsdp), ("plain", plain)):
+        merger = Merger(model, None, PMAConfig(window=WINDOW, interval_steps=1))
+        for _ in range(WINDOW):
+            merger.snapshot()
+        merger.save(Path(root) / name)
+        out[name] = {k: v.clone() for k, v in merger.merged_shards().items()}
+    return out
+
+
+def _replicas_load_worker(rank: int, world_size: int, root: str) -> dict:
+    from tests.support.models import make_model, shard_fsdp2
+
+    config = PMAConfig(window=WINDOW, interval_steps=1)
+    merger = Merger(shard_fsdp2(make_model(), world_size), None, config)
+    merger.load(Path(root) / "hsdp")
+    plain = Merger(make_model(), None, config)
+    plain.load(Path(root) / "plain")
+    plain.check_replicas()
+    return {"hsdp": merger.merged_shards(), "plain": plain.merged_shards()}
+
+
+def test_replicas_are_saved_once(tmp_path: Path) -> None:
+    import json
+
+    saved = run_ranks(_replicas_worker, 4, str(tmp_path))
+    for name, writers in (("hsdp", {0, 1}), ("plain", {0})):
+        index = json.loads((tmp_path / name / "pma_index.json").read_text())
+        holding = {r for r, f in enumerate(index["files"]) if any(f["fragments"])}
+        assert holding == writers, (name, holding)
+        sizes = sorted(p.stat().st_size for p in (tmp_path / name).glob("pma_*_rank*"))
+        assert sizes[-len(writers) - 1] < 1024, (name, sizes)
+    loaded = run_ranks(_replicas_load_worker, 2, str(tmp_path))
+    for rank, r in enumerate(loaded):
+        assert_bitwise_equal(r["plain"], saved[3]["plain"], "plain state saved by rank 0 only")
+        assert_bitwise_equal(r["hsdp"], saved[2 + rank]["hsdp"], "HSDP state from replica 0")
