@@ -194,8 +194,8 @@ def _two_ranks(rank: int, world_size: int, root: str) -> dict:
     _train(model, optimizers, [STEPS + 1], rank, world_size)
     out["after_detach"] = (hooks, len(optimizers._optimizer_step_post_hooks), steps_seen)
     out["steps_after_detach"] = merger.schedule.steps_seen
-    for checkpointer in (checkpointer, checkpointer2):
-        checkpointer.close()
+    for manager in (checkpointer, checkpointer2):
+        manager.close()
     return out if rank == 0 else {}
 
 
