@@ -80,8 +80,10 @@ class TinyMoE(nn.Module):
         return self.head(x)
 
 
-def _components(world_size: int, folder: Path):
-    """Model, optimizers, Merger and checkpointer, built in the trainer's order."""
+def _components(world_size: int, folder: Path, how: str = "states", exclude=()):
+    """Model, optimizers, Merger and checkpointer, built in the trainer's order; the Merger
+    in the checkpointer's ``states`` (``how="states"``), joined after (``"join"``, as for a
+    built Trainer) or left out (``"none"``, a run without PMA)."""
     from torchtitan.components.checkpoint import CheckpointManager
     from torchtitan.components.optimizer import (
         OptimizersContainer,
@@ -109,7 +111,11 @@ def _components(world_size: int, folder: Path):
     build(optimizers, [model], dims)
     merger = titan.merger_of(optimizers)
     checkpoint = CheckpointManager.Config(
-        enable=True, folder=str(folder), interval=SAVE_AT, keep_latest_k=0
+        enable=True,
+        folder=str(folder),
+        interval=SAVE_AT,
+        keep_latest_k=0,
+        exclude_from_loading=list(exclude),
     )
     checkpointer = CheckpointManager(
         checkpoint,
@@ -117,9 +123,11 @@ def _components(world_size: int, folder: Path):
         model_parts=[model],
         optimizers=optimizers,
         lr_schedulers=None,
-        states=titan.checkpoint_states(merger),
+        states=titan.checkpoint_states(merger) if how == "states" else {},
         sd_adapter=None,
     )
+    if how == "join":
+        assert titan.join(checkpointer, optimizers) is merger
     return model, optimizers, merger, checkpointer
 
 
@@ -200,12 +208,30 @@ def _two_ranks(rank: int, world_size: int, root: str) -> dict:
 
 
 def _one_rank(rank: int, world_size: int, root: str) -> dict:
-    model, optimizers, merger, checkpointer = _components(world_size, Path(root) / "ckpt")
+    """Resume the 2-rank run at 1 rank; then turn PMA on in a run checkpointed without it."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    root = Path(root)
+    model, optimizers, merger, checkpointer = _components(world_size, root / "ckpt", "join")
     checkpointer.load(step=SAVE_AT)
     out = {"merged": _merged(model, merger), "history": merger.history}
     _train(model, optimizers, range(SAVE_AT + 1, STEPS + 1), rank, world_size)
     out["history_after"] = merger.history
-    checkpointer.close()
+
+    model, optimizers, _, plain = _components(world_size, root / "plain", "none")
+    _train(model, optimizers, range(1, SAVE_AT + 1), rank, world_size)
+    plain.save(curr_step=SAVE_AT)
+    try:
+        _components(world_size, root / "plain", "join")[3].load()
+        out["without_pma"] = "loaded"
+    except CheckpointException as err:
+        out["without_pma"] = str(err)
+    model, optimizers, merger, excluding = _components(world_size, root / "plain", "join", ["pma"])
+    out["excluded"] = (excluding.load(), merger.schedule.steps_seen, merger.num_snapshots)
+    _train(model, optimizers, [SAVE_AT + 1, SAVE_AT + 2], rank, world_size)
+    out["fresh_history"] = merger.history
+    for manager in (checkpointer, plain, excluding):
+        manager.close()
     return out
 
 
@@ -235,6 +261,9 @@ def test_merge_checkpoint_reshard_hook_order_and_detach(tmp_path: Path) -> None:
     assert_bitwise_equal(single["merged"], result["at_save"]["merged"], "resharded 2 -> 1 rank")
     assert single["history"] == result["at_save"]["history"]
     assert single["history_after"] == result["history"], "the schedule resumed at 1 rank"
+    assert "pma" in single["without_pma"], single["without_pma"]
+    assert single["excluded"] == (True, 0, 0), "PMA starts afresh on a checkpoint without it"
+    assert single["fresh_history"] == [(2, 128)], "counted from the resumed step on"
 
 
 def titan_reference(weights: list[dict], steps: list[int]) -> dict[str, torch.Tensor]:
