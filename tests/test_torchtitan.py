@@ -291,3 +291,15 @@ def test_pipeline_parts_refused() -> None:
     with pytest.raises(ValueError, match="pipeline parallelism"):
         titan.attach(optimizer, parts, {"window": 2, "interval_steps": 1})
     assert titan.merger_of(optimizer) is None
+
+
+def test_disabled_runs_the_spec_hook_only() -> None:
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    build = titan.post_optimizer_build_fn(
+        {"enabled": False, "window": 2, "interval_steps": 1}, inner=lambda *a: calls.append(a)
+    )
+    build(optimizer, [model], None)
+    assert calls == [(optimizer, [model], None)] and titan.merger_of(optimizer) is None
+    assert titan.checkpoint_states(None) == {}, "a run without PMA checkpoints as before"
