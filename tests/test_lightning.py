@@ -169,3 +169,22 @@ def test_fsdp2_merge_resume_and_reshard(tmp_path: Path) -> None:
     assert_bitwise_equal(one["live"], full["weights"][SAVE_AT - 1], "weights at world size 1")
     expected = window_reference(full["weights"][1:SAVE_AT:2], PMA["window"], PMA["method"])
     assert_close_rel(one["merged"], expected, 1e-6, "merge resharded to world size 1")
+
+
+def _ddp_worker(rank: int, world_size: int, root: str) -> dict:
+    root = Path(root)
+    full = _fit(world_size, root / "full", shard=False, save=True)
+    ckpt = next((root / "full" / "ckpt").glob(f"*step={SAVE_AT}*"))
+    resumed = _fit(world_size, root / "resumed", shard=False, ckpt_path=ckpt)
+    return {"full": full, "resumed": resumed} if rank == 0 else {}
+
+
+def test_ddp_merge_and_resume(tmp_path: Path) -> None:
+    result = run_ranks(_ddp_worker, WORLD, str(tmp_path), timeout=300)[0]
+    full, resumed = result["full"], result["resumed"]
+    assert full["history"] == [(s, TOKENS_PER_STEP * s) for s in (4, 6, 8)], "global tokens"
+    expected = window_reference(full["weights"][1::2], PMA["window"], PMA["method"])
+    assert_close_rel(full["merged"], expected, 1e-6, "DDP merge")
+    assert resumed["history"] == full["history"]
+    assert_bitwise_equal(resumed["live"], full["live"], "weights resumed")
+    assert_bitwise_equal(resumed["merged"], full["merged"], "merge resumed mid-window")
