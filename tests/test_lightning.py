@@ -133,6 +133,10 @@ def _fit(world_size: int, root: Path, shard: bool, ckpt_path=None, save=False, s
     with callback.merger.swapped():
         out["merged"] = full_state(module.model)
     out["live"] = full_state(module.model)
+    if not shard:  # validating again under ModelParallelStrategy would shard the model twice
+        out["val_live"] = trainer.validate(module, verbose=False)[0]
+        out["val_pma"] = callback.validate(trainer, module, verbose=False)[0]
+        out["after_validate"] = full_state(module.model)
     return out
 
 
@@ -185,6 +189,9 @@ def test_ddp_merge_and_resume(tmp_path: Path) -> None:
     assert full["history"] == [(s, TOKENS_PER_STEP * s) for s in (4, 6, 8)], "global tokens"
     expected = window_reference(full["weights"][1::2], PMA["window"], PMA["method"])
     assert_close_rel(full["merged"], expected, 1e-6, "DDP merge")
+    assert set(full["val_pma"]) == {"pma_loss"}
+    assert full["val_pma"]["pma_loss"] != pytest.approx(full["val_live"]["loss"], rel=1e-4)
+    assert_bitwise_equal(full["after_validate"], full["live"], "live weights after validate")
     assert resumed["history"] == full["history"]
     assert_bitwise_equal(resumed["live"], full["live"], "weights resumed")
     assert_bitwise_equal(resumed["merged"], full["merged"], "merge resumed mid-window")
