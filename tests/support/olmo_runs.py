@@ -65,7 +65,7 @@ class SyntheticLoader(TextDataLoaderBase):
 
 
 class Recorder(Callback):
-    """This rank's local shard of every parameter, fp64 on CPU, after every step."""
+    """Every parameter in full, fp64 on CPU, after every step (collective under FSDP)."""
 
     priority = 3
 
@@ -73,15 +73,15 @@ class Recorder(Callback):
         self.weights: list[dict[str, torch.Tensor]] = []
 
     def post_train_batch(self) -> None:
-        self.weights.append(local_weights(self.trainer.train_module.model))
+        self.weights.append(full_weights(self.trainer.train_module.model))
 
 
-def local_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's local shard of every parameter, fp64 (copies)."""
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter in full, fp64 (copies; collective under FSDP)."""
     from torch.distributed.tensor import DTensor
 
     return {
-        name: (p.to_local() if isinstance(p, DTensor) else p).detach().double().clone()
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().double().clone()
         for name, p in model.named_parameters()
     }
 
@@ -92,10 +92,15 @@ def build_trainer(
     callbacks: dict[str, Callback],
     *,
     save_interval: int = 1000,
+    batches: int | None = None,
     dp: str = "fsdp",
 ):
     """A trainer for ``steps`` steps saving checkpoints every ``save_interval`` under
-    ``folder``; the same model init (seed 0) on every call."""
+    ``folder``; the same model init (seed 0) on every call. OLMo-core keeps one world mesh per
+    process: it is forgotten first, so that one process group runs several trainers in turn."""
+    import olmo_core.distributed.parallel as parallel
+
+    parallel._WORLD_MESH = None
     torch.manual_seed(0)
     model = TransformerConfig.llama_like(
         d_model=16, vocab_size=VOCAB, n_layers=2, n_heads=2, hidden_size_multiple_of=16
@@ -106,7 +111,7 @@ def build_trainer(
         optim=AdamWConfig(lr=3e-2),
         dp_config=TransformerDataParallelConfig(name=DataParallelType(dp)),
     ).build(model, device=torch.device("cpu"))
-    loader = SyntheticLoader(folder / "work", total=steps)
+    loader = SyntheticLoader(folder / "work", total=batches or steps)
     checkpointer = CheckpointerCallback(save_interval=save_interval, save_async=False)
     config = TrainerConfig(
         save_folder=str(folder / "run"),
@@ -117,3 +122,15 @@ def build_trainer(
         callbacks={"checkpointer": checkpointer, **callbacks},
     )
     return config.build(module, loader)
+
+
+def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    """The model weights of an OLMo-core checkpoint's ``model_and_optim``, in full, fp64, read
+    by OLMo-core's own reader in this process (no process group)."""
+    from olmo_core.distributed.checkpoint import get_checkpoint_metadata, load_keys
+
+    path = directory / "model_and_optim"
+    keys = sorted(
+        k for k in get_checkpoint_metadata(path).state_dict_metadata if k.startswith("model.")
+    )
+    return {key: t.double() for key, t in zip(keys, load_keys(path, keys))}
