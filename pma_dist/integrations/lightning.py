@@ -60,6 +60,7 @@ class PMACallback(Callback):
         self._last_step = 0
         self._local_tokens = 0
         self._loaded: dict[str, Any] | None = None
+        self._sharded = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.close()
@@ -75,7 +76,8 @@ class PMACallback(Callback):
             )
         optimizer = trainer.optimizers[0] if len(trainer.optimizers) == 1 else None
         self.merger = Merger(pl_module, optimizer, self.config)
-        if _sharded(self.merger) and not _saves_sharded(trainer):
+        self._sharded = _sharded(pl_module)
+        if self._sharded and not _saves_sharded(trainer):
             raise RuntimeError(
                 "PMACallback: the parameters are sharded (FSDP2) but this strategy writes "
                 "checkpoints from rank 0 only, which holds one shard of the PMA state; use "
@@ -98,14 +100,14 @@ class PMACallback(Callback):
         self._last_step = trainer.global_step
         tokens = None
         if self.tokens is not None:
-            tokens, self._local_tokens = _global_sum(self._local_tokens, self.merger), 0
+            tokens, self._local_tokens = _global_sum(self._local_tokens, self.merger, pl_module), 0
         self.merger.step(tokens)
 
     def state_dict(self) -> dict[str, Any]:
         """Rank 0's copy, which Lightning writes: the whole state unless it is sharded."""
         if self.merger is None:
             return {}
-        if _sharded(self.merger):
+        if self._sharded:
             return {"sharded": True}
         return {"sharded": False, "merger": self.merger.state_dict()}
 
@@ -118,7 +120,7 @@ class PMACallback(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         """Every rank's shard into the part of the checkpoint every rank writes (DCP)."""
-        if self.merger is not None and _sharded(self.merger):
+        if self.merger is not None and self._sharded:
             checkpoint["state_dict"][STATE_KEY] = self.merger.state_dict()
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
@@ -152,10 +154,10 @@ class PMACallback(Callback):
             self.merger.close()
 
 
-def _sharded(merger: Merger) -> bool:
+def _sharded(module: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in merger._model.parameters())
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _saves_sharded(trainer) -> bool:
@@ -165,12 +167,12 @@ def _saves_sharded(trainer) -> bool:
     return isinstance(strategy, ModelParallelStrategy) and strategy._save_distributed_checkpoint
 
 
-def _global_sum(local: int, merger: Merger) -> int:
+def _global_sum(local: int, merger: Merger, module: torch.nn.Module) -> int:
     """This optimizer step's tokens over all ranks (one scalar all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()):
         return local
     group = merger.process_group or dist.group.WORLD
-    device = comm.collective_device(group, next(merger._model.parameters()).device)
+    device = comm.collective_device(group, next(module.parameters()).device)
     total = torch.tensor([local], dtype=torch.int64, device=device)
     dist.all_reduce(total, group=merger.process_group)
     return int(total.item())
