@@ -170,6 +170,16 @@ def _ddp_worker(rank: int, world_size: int, root: str) -> dict:
     return out if rank == 0 else {}
 
 
+def _one_rank_worker(rank: int, world_size: int, root: str) -> dict:
+    """Resume the 2-rank run's checkpoint at step 3 on one rank: the PMA state reshards."""
+    callback = PMACallback(PMA)
+    run = Path(root) / "b"
+    trainer = _trainer(run, [callback], max_steps=SAVE_STEPS)
+    trainer.train(resume_from_checkpoint=str(run / f"checkpoint-{SAVE_STEPS}"))
+    with callback.merger.swapped():
+        return {"merged": _params(trainer), "history": callback.merger.history}
+
+
 def test_ddp_merge_export_evaluate_resume_and_fsdp_refusal(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -200,6 +210,10 @@ def test_ddp_merge_export_evaluate_resume_and_fsdp_refusal(tmp_path: Path) -> No
 
     refusal = "TrainingArguments(fsdp=True) is set but the model's parameters are not sharded"
     assert refusal in result["fsdp"], result["fsdp"]
+
+    one = run_ranks(_one_rank_worker, 1, str(tmp_path), timeout=200)[0]
+    assert one["history"] == [(2, 128)], one["history"]
+    assert_close_rel(one["merged"], result["weights"][1], 1e-6, "resumed at world size 1")
 
 
 def _deepspeed_worker(rank: int, world_size: int, root: str) -> dict:
