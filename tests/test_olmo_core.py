@@ -12,7 +12,6 @@ import pytest
 
 pytest.importorskip("olmo_core")
 
-from pma_dist.errors import PMAStateError  # noqa: E402
 from pma_dist.testing import assert_close_rel, run_ranks, window_reference  # noqa: E402
 from tests.support.olmo_runs import read_checkpoint  # noqa: E402
 
@@ -99,27 +98,33 @@ def test_resume_mid_window_equals_uninterrupted(tmp_path: Path):
 
 def _other_world(rank: int, world: int, folder: str):
     from pma_dist.integrations.olmo_core import PMACallback
-    from tests.support.olmo_runs import build_trainer
+    from tests.support.olmo_runs import build_trainer, full_weights
 
-    trainer = build_trainer(Path(folder), 8, {"pma": PMACallback(PMA)}, batches=8)
-    try:
-        trainer.fit()
-    except PMAStateError as error:
-        return str(error)
-    return None
+    pma = PMACallback(PMA)
+    build_trainer(Path(folder), 5, {"pma": pma}, batches=8).fit()
+    with pma.merger.swapped():
+        return full_weights(pma.trainer.train_module.model), pma.merger.history
 
 
-def test_resume_at_another_world_size_is_refused(tmp_path: Path):
-    """The per-rank state cannot be resharded: a resume at 1 rank of a 2-rank checkpoint fails
-    with a PMAStateError that says so, instead of averaging half a shard."""
-    run_ranks(_save_five, WORLD, str(tmp_path))
-    message = run_ranks(_other_world, 1, str(tmp_path))[0]
-    assert message is not None and "saved by 2 ranks" in message
+def test_resume_at_another_world_size_reshards(tmp_path: Path):
+    """A 2-rank checkpoint resumed at 1 rank: the state comes from the checkpoint's per-rank
+    files, resharded, and merges as the 2-rank run did; without them it is refused."""
+    saved, saved_history = run_ranks(_save_five, WORLD, str(tmp_path))[0]
+    files = tmp_path / "run" / "step5" / "pma"
+    files.rename(files.with_name("pma-aside"))
+    with pytest.raises(RuntimeError, match="holds no per-rank PMA files to reshard from"):
+        run_ranks(_other_world, 1, str(tmp_path))
+    files.with_name("pma-aside").rename(files)
+    merged, history = run_ranks(_other_world, 1, str(tmp_path))[0]
+    assert history == saved_history == [(2, 128), (4, 256)]
+    assert_close_rel(merged, saved, 1e-6, "resharded to 1 rank")
 
 
-def _save_five(rank: int, world: int, folder: str) -> None:
+def _save_five(rank: int, world: int, folder: str):
     from pma_dist.integrations.olmo_core import PMACallback
-    from tests.support.olmo_runs import build_trainer
+    from tests.support.olmo_runs import build_trainer, full_weights
 
-    trainer = build_trainer(Path(folder), 5, {"pma": PMACallback(PMA)}, save_interval=5, batches=8)
-    trainer.fit()
+    pma = PMACallback(PMA)
+    build_trainer(Path(folder), 5, {"pma": pma}, save_interval=5, batches=8).fit()
+    with pma.merger.swapped():
+        return full_weights(pma.trainer.train_module.model), pma.merger.history

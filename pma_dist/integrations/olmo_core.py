@@ -14,8 +14,9 @@ A drop-in for OLMo-core's ``ModelMergeCallback`` (same ``merge_step`` / ``merge_
   ``state_dict()`` in ``train/rank<r>.pt`` of the checkpoint, one file per rank, written with
   the checkpoint and loaded with it (atomically, no directory of our own to keep in step); the
   callback's state is the Merger's own ``state_dict()`` with every slot as this rank's local
-  tensor. Those files are per rank, so a resume must keep the world size and layout: the
-  callback refuses a state saved by another world size instead of averaging wrong shards.
+  tensor. Those files are per rank, so after the checkpoint is written the state is also saved
+  as per-rank files with an index under ``<checkpoint>/pma``, which a resume at another world
+  size reads, resharded (without them it refuses, rather than average wrong shards).
 * At a merge step the merged weights are swapped in (restored bitwise after), saved like
   ``ModelMergeCallback`` does (``step<N>-<suffix>/model_and_optim``, OLMo-core's own format)
   and, with ``evaluate_merged``, the trainer's evaluator callbacks run on them.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from olmo_core.distributed.checkpoint import save_state_dict
@@ -37,6 +39,7 @@ from .. import comm
 from ..config import PMAConfig
 from ..errors import PMAStateError
 from ..merger import Merger
+from ..persistence import has_files
 
 log = logging.getLogger("pma_dist")
 
@@ -68,6 +71,7 @@ class PMACallback(Callback):
     _tokens_seen: int = field(default=0, init=False, repr=False)
     _merge_steps: list[int] = field(default_factory=list, init=False, repr=False)
     _loaded: bool = field(default=False, init=False, repr=False)
+    _saved_world: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.config, Mapping):
@@ -148,17 +152,34 @@ class PMACallback(Callback):
         return {"world_size": world, "merger": _local_tensors(self.merger.state_dict())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The per-rank state saved at this world size; at another, the checkpoint's ``pma``
+        files are read instead once the checkpoint has loaded (:meth:`post_checkpoint_loaded`)."""
         if not state_dict or self.merger is None:
             return
-        world = comm.world_size(self.merger.process_group)
-        if state_dict["world_size"] != world:
+        self._saved_world = state_dict["world_size"]
+        if self._saved_world == comm.world_size(self.merger.process_group):
+            self.merger.load_state_dict(state_dict["merger"])
+            self._loaded = True
+
+    def post_checkpoint_saved(self, path: Any) -> None:
+        """Also the state as per-rank files with an index under ``<checkpoint>/pma`` (local
+        checkpoints): what a resume at another world size reads, resharded. Collective."""
+        if self.merger is not None and "://" not in str(path):
+            self.merger.save(Path(str(path)) / STATE_DIR)
+
+    def post_checkpoint_loaded(self, path: Any) -> None:
+        saved, self._saved_world = self._saved_world, None
+        if self.merger is None or saved in (None, comm.world_size(self.merger.process_group)):
+            return
+        files = Path(str(path)) / STATE_DIR
+        if "://" in str(path) or not has_files(files):
             raise PMAStateError(
-                f"PMACallback: this checkpoint's PMA state was saved by {state_dict['world_size']}"
-                f" ranks and this run has {world}; the per-rank state cannot be resharded. Resume "
-                f"at {state_dict['world_size']} ranks, or drop the callback's state to restart "
-                "the average"
+                f"PMACallback: this checkpoint's PMA state was saved by {saved} ranks and this "
+                f"run has {comm.world_size(self.merger.process_group)}, and {files} holds no "
+                f"per-rank PMA files to reshard from; resume at {saved} ranks, or drop the "
+                "callback's state to restart the average"
             )
-        self.merger.load_state_dict(state_dict["merger"])
+        self.merger.load(files)
         self._loaded = True
 
     def close(self) -> None:
@@ -197,5 +218,8 @@ def _local_tensors(state: Any) -> Any:
         return state.to_local()
     return state
 
+
+STATE_DIR = "pma"
+"""The directory of a checkpoint that holds the per-rank PMA files."""
 
 __all__ = ["PMACallback"]
