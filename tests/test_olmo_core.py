@@ -26,24 +26,35 @@ def _side_by_side(rank: int, world: int, folder: str):
     from olmo_core.train.callbacks import ModelMergeCallback
 
     from pma_dist.integrations.olmo_core import PMACallback
-    from tests.support.olmo_runs import Recorder, build_trainer, full_weights
+    from tests.support.olmo_runs import (
+        Recorder,
+        build_trainer,
+        full_weights,
+        held_out_evaluator,
+        load_weights,
+    )
 
-    recorder = Recorder()
+    recorder, evaluators = Recorder(), held_out_evaluator()
     pma = PMACallback(merge_step=6, merge_last_n_steps=3)
     theirs = ModelMergeCallback(merge_step=6, merge_last_n_steps=3, enabled=True)
-    trainer = build_trainer(Path(folder), 8, {"pma": pma, "merge": theirs, "rec": recorder})
+    callbacks = {"pma": pma, "merge": theirs, "rec": recorder, "eval": evaluators}
+    trainer = build_trainer(Path(folder), 8, callbacks)
     trainer.fit()
     model = trainer.train_module.model
     hooks = len(pma.merger._hooks)
     with pma.merger.swapped():
         merged = full_weights(model)
-    return recorder.weights, merged, pma.merger.history, hooks
+    evaluators.perform_eval(prefix="eval/live")
+    load_weights(model, window_reference(recorder.weights[:6], 3, "sma"))
+    evaluators.perform_eval(prefix="eval/reference")
+    losses = evaluators.losses
+    return recorder.weights, merged, pma.merger.history, hooks, losses
 
 
 def test_merge_equals_model_merge_callback(tmp_path: Path):
     """Every step over the last 3: PMA's merged checkpoint is ModelMergeCallback's (both fp32
     sums) and the float64 mean of the recorded weights; at the end the window is steps 6-8."""
-    weights, merged, history, hooks = run_ranks(_side_by_side, WORLD, str(tmp_path))[0]
+    weights, merged, history, hooks, losses = run_ranks(_side_by_side, WORLD, str(tmp_path))[0]
     ours = read_checkpoint(tmp_path / "run" / "step6-pma")
     theirs = read_checkpoint(tmp_path / "run" / "step6-merged")
     assert set(ours) == set(theirs) == {f"model.{n}" for n in weights[0]}
@@ -53,6 +64,10 @@ def test_merge_equals_model_merge_callback(tmp_path: Path):
     assert_close_rel(merged, window_reference(weights, 3, "sma"), 1e-6, "swapped at step 8")
     assert [step for step, _ in history] == [6, 7, 8]
     assert hooks == 0, "fit() closes the callback: no hook left behind"
+    reference = losses["eval/reference"]
+    assert losses["eval/pma"] == pytest.approx(reference, rel=1e-5), "evaluators on the merge"
+    assert losses["eval/merged"] == pytest.approx(reference, rel=1e-5), "and on theirs"
+    assert losses["eval/pma"] != pytest.approx(losses["eval/live"], rel=1e-3)
 
 
 def _resume(rank: int, world: int, folder: str):

@@ -134,3 +134,56 @@ def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
         k for k in get_checkpoint_metadata(path).state_dict_metadata if k.startswith("model.")
     )
     return {key: t.double() for key, t in zip(keys, load_keys(path, keys))}
+
+
+def held_out_evaluator():
+    """An OLMo-core ``EvaluatorCallback`` (run only when asked) over one fixed batch a rank,
+    keeping the mean loss (averaged over ranks) of each evaluation by prefix in ``.losses``."""
+    import torch.distributed as dist
+    from olmo_core.eval.evaluator import Evaluator
+    from olmo_core.train.callbacks import EvaluatorCallback
+
+    class HeldOutLoss(Evaluator):
+        def __init__(self) -> None:
+            gen = torch.Generator().manual_seed(777 + get_rank())
+            batch = {"input_ids": torch.randint(1, VOCAB, (ROWS, SEQ), generator=gen)}
+            super().__init__(name="held_out", batches=[batch])
+            self.values: list[float] = []
+            self.reset_metrics()
+
+        def update_metrics(self, batch, ce_loss, logits) -> None:
+            self._sum += ce_loss.double().sum()
+            self._count += ce_loss.numel()
+
+        def compute_metrics(self) -> dict[str, torch.Tensor]:
+            mean = (self._sum / self._count).reshape(1)
+            dist.all_reduce(mean)
+            mean /= get_world_size()
+            self.values.append(float(mean))
+            return {"loss": mean.float()}
+
+        def reset_metrics(self) -> None:
+            self._sum, self._count = torch.zeros((), dtype=torch.float64), 0
+
+    class Recording(EvaluatorCallback):
+        """Keeps the mean loss of each evaluation by the prefix it was asked for."""
+
+        def perform_eval(self, prefix: str = "eval") -> None:
+            super().perform_eval(prefix=prefix)
+            self.losses = {**getattr(self, "losses", {}), prefix: self.evaluators[0].values[-1]}
+
+    return Recording(evaluators=[HeldOutLoss()], eval_interval=None)
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy full ``weights`` into the model's (possibly FSDP2-sharded) parameters."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            value = weights[name].to(p.dtype)
+            if isinstance(p, DTensor):
+                value = distribute_tensor(value, p.device_mesh, p.placements).to_local()
+                p.to_local().copy_(value)
+            else:
+                p.copy_(value)
