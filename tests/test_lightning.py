@@ -25,7 +25,14 @@ from pma_dist.testing import (  # noqa: E402
     run_ranks,
     window_reference,
 )
-from tests.support.models import GLOBAL_BATCH, SEQ, VOCAB, full_state, loss_of  # noqa: E402
+from tests.support.models import (  # noqa: E402
+    GLOBAL_BATCH,
+    SEQ,
+    VOCAB,
+    full_state,
+    load_full_state,
+    loss_of,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +62,9 @@ class Module(pl.LightningModule):
         self.model = make_model()
 
     def configure_model(self) -> None:
-        if self.shard:
+        from torch.distributed.tensor import DTensor
+
+        if self.shard and not isinstance(next(self.model.parameters()), DTensor):
             from tests.support.models import shard_fsdp2
 
             shard_fsdp2(self.model, self.trainer.world_size)
@@ -115,7 +124,15 @@ def _trainer(world_size: int, callbacks: list, shard: bool, root: Path, **option
     )
 
 
-def _fit(world_size: int, root: Path, shard: bool, ckpt_path=None, save=False, steps=STEPS) -> dict:
+def _fit(
+    world_size: int,
+    root: Path,
+    shard: bool,
+    ckpt_path=None,
+    save=False,
+    steps=STEPS,
+    validate=False,
+) -> dict:
     recorder, callback = Recorder(), PMACallback(PMA, tokens=lambda batch: batch.numel())
     callbacks = [recorder, callback]
     if save:
@@ -133,16 +150,20 @@ def _fit(world_size: int, root: Path, shard: bool, ckpt_path=None, save=False, s
     with callback.merger.swapped():
         out["merged"] = full_state(module.model)
     out["live"] = full_state(module.model)
-    if not shard:  # validating again under ModelParallelStrategy would shard the model twice
+    if validate:
         out["val_live"] = trainer.validate(module, verbose=False)[0]
         out["val_pma"] = callback.validate(trainer, module, verbose=False)[0]
         out["after_validate"] = full_state(module.model)
+        snapshots = [recorder.weights[step - 1] for step, _ in callback.merger.history]
+        load_full_state(module.model, window_reference(snapshots, PMA["window"], PMA["method"]))
+        out["val_reference"] = trainer.validate(module, verbose=False)[0]
+        load_full_state(module.model, out["live"])
     return out
 
 
 def _fsdp_worker(rank: int, world_size: int, root: str) -> dict:
     root = Path(root)
-    full = _fit(world_size, root / "full", shard=True, save=True)
+    full = _fit(world_size, root / "full", shard=True, save=True, validate=True)
     ckpt = next((root / "full" / "ckpt").glob(f"*step={SAVE_AT}*"))
     resumed = _fit(world_size, root / "resumed", shard=True, ckpt_path=ckpt)
     return {"full": full, "resumed": resumed, "ckpt": str(ckpt)} if rank == 0 else {}
@@ -162,6 +183,7 @@ def test_fsdp2_merge_resume_and_reshard(tmp_path: Path) -> None:
     assert_close_rel(full["merged"], expected, 1e-6, "FSDP2 merge")
     assert full["hooks"] == 0, "hooks removed at fit end"
     assert Path(result["ckpt"]).is_dir(), "a sharded (DCP) checkpoint"
+    _check_validate(full)
 
     resumed = result["resumed"]
     assert resumed["history"] == full["history"]
@@ -175,9 +197,19 @@ def test_fsdp2_merge_resume_and_reshard(tmp_path: Path) -> None:
     assert_close_rel(one["merged"], expected, 1e-6, "merge resharded to world size 1")
 
 
+def _check_validate(full: dict) -> None:
+    """``validate`` ran on the merge (the loss of the float64 reference weights) and put the
+    live weights back."""
+    assert set(full["val_pma"]) == {"pma_loss"}
+    pma_loss = full["val_pma"]["pma_loss"]
+    assert pma_loss == pytest.approx(full["val_reference"]["loss"], rel=1e-5)
+    assert pma_loss != pytest.approx(full["val_live"]["loss"], rel=1e-4)
+    assert_bitwise_equal(full["after_validate"], full["live"], "live weights after validate")
+
+
 def _ddp_worker(rank: int, world_size: int, root: str) -> dict:
     root = Path(root)
-    full = _fit(world_size, root / "full", shard=False, save=True)
+    full = _fit(world_size, root / "full", shard=False, save=True, validate=True)
     ckpt = next((root / "full" / "ckpt").glob(f"*step={SAVE_AT}*"))
     resumed = _fit(world_size, root / "resumed", shard=False, ckpt_path=ckpt)
     return {"full": full, "resumed": resumed} if rank == 0 else {}
@@ -189,9 +221,7 @@ def test_ddp_merge_and_resume(tmp_path: Path) -> None:
     assert full["history"] == [(s, TOKENS_PER_STEP * s) for s in (4, 6, 8)], "global tokens"
     expected = window_reference(full["weights"][1::2], PMA["window"], PMA["method"])
     assert_close_rel(full["merged"], expected, 1e-6, "DDP merge")
-    assert set(full["val_pma"]) == {"pma_loss"}
-    assert full["val_pma"]["pma_loss"] != pytest.approx(full["val_live"]["loss"], rel=1e-4)
-    assert_bitwise_equal(full["after_validate"], full["live"], "live weights after validate")
+    _check_validate(full)
     assert resumed["history"] == full["history"]
     assert_bitwise_equal(resumed["live"], full["live"], "weights resumed")
     assert_bitwise_equal(resumed["merged"], full["merged"], "merge resumed mid-window")

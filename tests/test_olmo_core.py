@@ -26,12 +26,12 @@ def _side_by_side(rank: int, world: int, folder: str):
     from olmo_core.train.callbacks import ModelMergeCallback
 
     from pma_dist.integrations.olmo_core import PMACallback
+    from tests.support.models import load_full_state
     from tests.support.olmo_runs import (
         Recorder,
         build_trainer,
         full_weights,
         held_out_evaluator,
-        load_weights,
     )
 
     recorder, evaluators = Recorder(), held_out_evaluator()
@@ -45,7 +45,7 @@ def _side_by_side(rank: int, world: int, folder: str):
     with pma.merger.swapped():
         merged = full_weights(model)
     evaluators.perform_eval(prefix="eval/live")
-    load_weights(model, window_reference(recorder.weights[:6], 3, "sma"))
+    load_full_state(model, window_reference(recorder.weights[:6], 3, "sma"))
     evaluators.perform_eval(prefix="eval/reference")
     losses = evaluators.losses
     return recorder.weights, merged, pma.merger.history, hooks, losses

@@ -128,3 +128,17 @@ def counting_batch(step: int, rank: int = 0, world_size: int = 1) -> torch.Tenso
     tokens = (start + torch.arange(SEQ + 1)) % VOCAB
     per_rank = GLOBAL_BATCH // world_size
     return tokens[rank * per_rank : (rank + 1) * per_rank]
+
+
+def load_full_state(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copy full ``weights`` (by parameter name) into the model's parameters, FSDP2-sharded
+    (each rank keeps its shard of them) or whole."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            value = weights[name].to(p.dtype)
+            if isinstance(p, DTensor):
+                p.to_local().copy_(distribute_tensor(value, p.device_mesh, p.placements).to_local())
+            else:
+                p.copy_(value)

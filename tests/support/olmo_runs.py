@@ -173,17 +173,3 @@ def held_out_evaluator():
             self.losses = {**getattr(self, "losses", {}), prefix: self.evaluators[0].values[-1]}
 
     return Recording(evaluators=[HeldOutLoss()], eval_interval=None)
-
-
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Copy full ``weights`` into the model's (possibly FSDP2-sharded) parameters."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            value = weights[name].to(p.dtype)
-            if isinstance(p, DTensor):
-                value = distribute_tensor(value, p.device_mesh, p.placements).to_local()
-                p.to_local().copy_(value)
-            else:
-                p.copy_(value)
