@@ -111,3 +111,11 @@ class SnapshotSchedule:
         else:
             k = max((self._clock - self._start) // self.interval + 1, 1)
             self.next_due = self._start + self.interval * k
+
+
+def lacks_token_source(config: PMAConfig, counted: bool) -> bool:
+    """True when ``config``'s schedule needs each step's global token count (a token interval
+    or start) and neither the trainer (``counted``) nor ``pma.tokens_per_step`` gives it: what
+    every trainer integration refuses before training rather than count local batches."""
+    needs_tokens = config.interval_unit == "tokens" or config.start_tokens > 0
+    return needs_tokens and not counted and config.tokens_per_step is None

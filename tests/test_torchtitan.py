@@ -159,18 +159,13 @@ def _train(model, optimizers, steps, rank: int, world_size: int, record=None) ->
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Full parameters and the averaged buffers, as the unwrapped model names them."""
-    from torch.distributed.tensor import DTensor
-
     from pma_dist.backends import canonical_name
+    from tests.support.models import full_state
 
-    out = {}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            full = p.full_tensor() if isinstance(p, DTensor) else p
-            out[canonical_name(name)] = full.detach().clone()
-        for name, b in model.named_buffers():
-            if name.endswith(("expert_bias_E", "late")):
-                out[canonical_name(name)] = b.detach().clone()
+    out = full_state(model)
+    for name, b in model.named_buffers():
+        if name.endswith(("expert_bias_E", "late")):
+            out[canonical_name(name)] = b.detach().clone()
     return out
 
 

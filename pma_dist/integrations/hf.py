@@ -37,6 +37,7 @@ from ..backends.deepspeed import zero_optimizer_of
 from ..config import PMAConfig
 from ..merger import Merger
 from ..persistence import has_files
+from ..schedule import lacks_token_source
 from .deepspeed import merger_of, read_config
 
 if TYPE_CHECKING:
@@ -203,8 +204,7 @@ def _refuse_unsharded_fsdp(args: TrainingArguments, model: nn.Module) -> None:
 
 
 def _check_token_source(config: PMAConfig, counted: bool) -> None:
-    needs_tokens = config.interval_unit == "tokens" or config.start_tokens > 0
-    if needs_tokens and not counted and config.tokens_per_step is None:
+    if lacks_token_source(config, counted):
         raise ValueError(
             "PMACallback: the PMA schedule counts tokens (interval_tokens/start_tokens) but no "
             "global token count is available: set TrainingArguments("

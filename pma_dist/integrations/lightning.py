@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from .. import comm
 from ..config import PMAConfig
 from ..merger import Merger
+from ..schedule import lacks_token_source
 
 log = logging.getLogger("pma_dist")
 
@@ -67,8 +68,7 @@ class PMACallback(Callback):
         self.merger = None
         if not self.config.enabled:
             return
-        needs_tokens = self.config.interval_unit == "tokens" or self.config.start_tokens > 0
-        if needs_tokens and self.tokens is None and self.config.tokens_per_step is None:
+        if lacks_token_source(self.config, self.tokens is not None):
             raise ValueError(
                 "PMACallback: the PMA schedule counts tokens (interval_tokens/start_tokens): pass "
                 "PMACallback(config, tokens=lambda batch: <this rank's tokens>) or set "

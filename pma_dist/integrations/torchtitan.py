@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import PMAConfig
 from ..merger import Merger
+from ..schedule import lacks_token_source
 
 STATE_KEY = "pma"
 """The key of the Merger in the ``CheckpointManager``'s states (and in its DCP checkpoints)."""
@@ -131,8 +132,7 @@ def _check_tokens(config: PMAConfig, tokens: Tokens) -> None:
     counted = isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0
     if not (tokens is None or callable(tokens) or counted):
         raise ValueError(f"pma_dist torchtitan: tokens={tokens!r}: a count or a callable")
-    needs_tokens = config.interval_unit == "tokens" or config.start_tokens > 0
-    if needs_tokens and tokens is None and config.tokens_per_step is None:
+    if lacks_token_source(config, tokens is not None):
         raise ValueError(
             "pma_dist torchtitan: the PMA schedule counts tokens (interval_tokens/start_tokens) "
             "but no global token count is given: set pma.tokens_per_step (global batch size x "

@@ -78,12 +78,9 @@ class Recorder(Callback):
 
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter in full, fp64 (copies; collective under FSDP)."""
-    from torch.distributed.tensor import DTensor
+    from tests.support.models import full_state
 
-    return {
-        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().double().clone()
-        for name, p in model.named_parameters()
-    }
+    return {name: p.double() for name, p in full_state(model).items()}
 
 
 def build_trainer(
