@@ -36,7 +36,7 @@ from .errors import PMAStateError
 from .files import fsync_path, replace_durably
 from .offload import chunks
 from .safetensors_io import DTYPES, write_safetensors
-from .state_files import FORMAT, Copy, bit_checksum, plan_copies
+from .state_files import FORMAT, Copy, SavedRuns, bit_checksum, plan_copies
 from .state_format import FORMAT_VERSION, StateHeader, check_version
 
 INDEX = "pma_index.json"
@@ -262,7 +262,7 @@ def plan_indexed(directory: Path, shards: list[Shard], ours: StateHeader) -> Ind
     index = read_index(directory)
     header = StateHeader.from_flat(index["header"], str(directory))
     header.check_matches(ours, str(directory))
-    copies = plan_copies(index["files"], shards)
+    copies = plan_copies(SavedRuns.of(index["files"]), shards)
     by_file: dict[int, list[Copy]] = defaultdict(list)
     for c in copies:
         by_file[c.file].append(c)

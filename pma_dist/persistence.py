@@ -25,6 +25,7 @@ from .indexed_state import IndexedLoad, has_index, plan_indexed, write_indexed
 from .state_files import (
     FILE_GLOB,
     Copy,
+    SavedRuns,
     apply_copies,
     file_header,
     plan_copies,
@@ -137,7 +138,7 @@ def plan_files(directory: Path, backend: Backend, ours: StateHeader) -> FileLoad
     header.check_matches(ours, str(directory))
     shards = backend.shards()
     skip = {i for i, s in enumerate(shards) if s.buffer and header.format == 1}
-    return FileLoad(files, plan_copies(files, shards, skip=skip), header)
+    return FileLoad(files, plan_copies(SavedRuns.of(files), shards, skip=skip), header)
 
 
 def buffers_from_live(backend: Backend, state: AveragingState) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from .backends.base import Fragment, Shard
 from .indexed_state import RankFileReader, file_name, read_index, tensor_name
-from .state_files import plan_copies
+from .state_files import SavedRuns, plan_copies
 from .state_format import StateHeader
 
 
@@ -31,12 +31,9 @@ class SavedTensors:
         """The saved state's header (settings, counts, slot records)."""
         self.dtype: torch.dtype = getattr(torch, self.header.config.get("dtype", "float32"))
         """The slots' dtype (the Merger's accumulation dtype)."""
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._runs = SavedRuns.of(self._index["files"])
+        self.shapes: dict[str, tuple[int, ...]] = self._runs.shapes
         """Every saved tensor's global shape, in the order first saved."""
-        for saved in self._index["files"]:
-            for fragments in saved["fragments"]:
-                for param, shape, *_ in fragments:
-                    self.shapes.setdefault(param, tuple(shape))
         self._readers: dict[int, RankFileReader] = {}
 
     def read(self, name: str, slots: Sequence[int]) -> list[torch.Tensor]:
@@ -46,7 +43,7 @@ class SavedTensors:
         numel = math.prod(shape)
         whole = Shard(name, torch.empty(0), shape, None, (Fragment(name, shape, 0, numel),))
         by_file = defaultdict(list)
-        for copy in plan_copies(self._index["files"], [whole]):
+        for copy in plan_copies(self._runs, [whole]):
             by_file[copy.file].append(copy)
         out: list[torch.Tensor | None] = [None] * len(slots)
         for file, copies in by_file.items():

@@ -118,24 +118,41 @@ def read_rank_files(directory: Path) -> list[dict[str, Any]]:
     return files
 
 
+@dataclass
+class SavedRuns:
+    """Where each saved parameter's elements lie: per parameter, its runs
+    ``(start, numel, file, shard, local_start)`` sorted by start, and its global shape (in the
+    order parameters were first saved). Built once per save, planned against many times."""
+
+    runs: dict[str, list[tuple[int, int, int, int, int]]]
+    shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, files: list[dict[str, Any]]) -> SavedRuns:
+        """The runs of ``files``, each a dict whose ``fragments`` list per shard the runs it
+        holds as ``(param, shape, start, numel, local_start)``."""
+        runs: dict[str, list[tuple[int, int, int, int, int]]] = defaultdict(list)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for index, f in enumerate(files):
+            for shard_index, fragments in enumerate(f["fragments"]):
+                for param, shape, start, numel, local_start in fragments:
+                    runs[param].append((start, numel, index, shard_index, local_start))
+                    shapes[param] = tuple(shape)
+        for param_runs in runs.values():
+            param_runs.sort()
+        return cls(dict(runs), shapes)
+
+
 def plan_copies(
-    files: list[dict[str, Any]], shards: list[Shard], *, skip: set[int] | frozenset = frozenset()
+    saved: SavedRuns, shards: list[Shard], *, skip: set[int] | frozenset = frozenset()
 ) -> list[Copy]:
     """The copies that fill every fragment of ``shards`` (but those at indices ``skip``) from
-    the saved files.
+    the ``saved`` runs.
 
     Raises ``PMAStateError`` naming the first parameter whose elements are not all saved or
     whose shape differs. Replicas saved by several ranks are read once.
     """
-    saved: dict[str, list[tuple[int, int, int, int, int]]] = defaultdict(list)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for index, f in enumerate(files):
-        for shard_index, fragments in enumerate(f["fragments"]):
-            for param, shape, start, numel, local_start in fragments:
-                saved[param].append((start, numel, index, shard_index, local_start))
-                shapes[param] = tuple(shape)
-    for runs in saved.values():
-        runs.sort()
+    shapes = saved.shapes
     copies = []
     for dst_shard, shard in enumerate(shards):
         if dst_shard in skip:
@@ -149,7 +166,7 @@ def plan_copies(
                     f"this model has {tuple(frag.shape)}"
                 )
             cursor, end = frag.start, frag.start + frag.numel
-            for start, numel, index, src_shard, local_start in saved[frag.param]:
+            for start, numel, index, src_shard, local_start in saved.runs[frag.param]:
                 if start > cursor or cursor >= end:
                     break
                 stop = min(start + numel, end)
