@@ -30,10 +30,13 @@ PIECE_BYTES = 16 << 20
 
 
 def write_safetensors(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], sync: bool = True
 ) -> dict:
-    """Write ``tensors`` to ``path`` in name order and fsync it; its size and SHA-256 as
-    ``{"bytes", "sha256"}``. Tensors on an accelerator are copied to the host one at a time."""
+    """Write ``tensors`` to ``path`` in name order and (``sync``) fsync it; its size and SHA-256
+    as ``{"bytes", "sha256"}``. Tensors on an accelerator are copied to the host one at a time.
+
+    ``sync=False`` leaves the flush to the caller, who may overlap it with writing the next
+    file (the disk then never idles between files)."""
     entries, offset = {}, 0
     for name in sorted(tensors):
         tensor = tensors[name]
@@ -62,5 +65,6 @@ def write_safetensors(
                 f.write(piece)
         hashing.shutdown(wait=True)
         f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            os.fsync(f.fileno())
     return {"bytes": 8 + len(head) + offset, "sha256": digest.hexdigest()}

@@ -126,6 +126,47 @@ def test_write_failure_midway_keeps_the_previous_export(tmp_path: Path, monkeypa
     assert verify_export(tmp_path / "good") == [] and _snapshot_dir(tmp_path / "good") != good
 
 
+def test_files_are_flushed_before_the_manifest_and_a_failed_flush_fails(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Each file's fsync overlaps the writing of the next: the manifest must still wait for
+    all of them, and an error at fsync (EIO, a quota on a network file system) fails the
+    export like one at write."""
+    from pma_dist.export import atomic, hf
+
+    model, good = _first_export(tmp_path)
+    flushed: list[str] = []
+    sealed: list[set[str]] = []
+    flush, seal = hf.fsync_path, atomic.write_manifest
+
+    def recording_flush(path: Path) -> None:
+        flush(path)
+        flushed.append(path.name)
+
+    def recording_seal(temp: Path, *args, **kwargs) -> None:
+        sealed.append(set(flushed))
+        seal(temp, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "fsync_path", recording_flush)
+    monkeypatch.setattr(atomic, "write_manifest", recording_seal)
+    export_model(model, tmp_path / "next", max_shard_size="8KB")
+    written = {p.name for p in (tmp_path / "next").glob("*.safetensors")}
+    assert len(written) > 2 and sealed == [written]
+
+    def failing_flush(path: Path) -> None:
+        if len(flushed) == 1:
+            raise OSError(5, "Input/output error")
+        recording_flush(path)
+
+    flushed.clear()
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    monkeypatch.setattr(hf, "fsync_path", failing_flush)
+    with pytest.raises(ExportError, match="could not write .*Input/output error"):
+        export_model(model, tmp_path / "good", max_shard_size="8KB")
+    assert _snapshot_dir(tmp_path / "good") == good
+
+
 def _mount_tmpfs(path: Path, options: str) -> bool:
     path.mkdir()
     done = subprocess.run(

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import fsync_path
 from ..safetensors_io import write_safetensors
 from .atomic import ExportError, describe_os_error
 from .progress import progress_bar
@@ -164,7 +165,9 @@ class HFWriter:
         self.error: str | None = None
         self._bar = progress_bar(len(self.mine), f"rank {rank} writing", progress)
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pma-export-writer")
+        self._flush = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pma-export-fsync")
         self._in_flight: Future | None = None
+        self._flushed: list[Future] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self.error is not None:
@@ -194,9 +197,10 @@ class HFWriter:
             self._write(file, self.pending.pop(file))
 
     def _write(self, file: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Hand a full file to the background writer, which writes, fsyncs and hashes it while
-        the next tensors are gathered; at most one file is in flight (so a rank holds at most
-        two files: that one and the one filling)."""
+        """Hand a full file to the background writer, which writes and hashes it while the next
+        tensors are gathered; at most one file is in flight (so a rank holds at most two files:
+        that one and the one filling). Its fsync runs on a third thread while the next file is
+        written, so that the disk does not wait for the writer at each file's end."""
         if self._in_flight is not None:
             self._in_flight.result()
         self._in_flight = self._disk.submit(self._write_now, file, tensors)
@@ -205,21 +209,34 @@ class HFWriter:
     def _write_now(self, file: str, tensors: dict[str, torch.Tensor]) -> dict:
         path = self.directory / file
         try:
-            entry = write_safetensors(path, tensors, {"format": "pt"})
+            entry = write_safetensors(path, tensors, {"format": "pt"}, sync=False)
+        except OSError as err:
+            raise describe_os_error(err, path) from err
+        self._flushed.append(self._flush.submit(self._sync_now, path))
+        return entry
+
+    def _sync_now(self, path: Path) -> None:
+        try:
+            fsync_path(path)
         except OSError as err:
             raise describe_os_error(err, path) from err
         self._bar.update(1)
-        return entry
 
     def finish(self) -> dict[str, dict]:
         """Manifest entries of the files this rank wrote; records an error if any planned
         tensor never came."""
         self._disk.shutdown(wait=True)
+        self._flush.shutdown(wait=True)
         self._bar.close()
         written = {}
         for file, future in self.written.items():
             try:
                 written[file] = future.result()
+            except ExportError as err:
+                self.error = self.error or str(err)
+        for future in self._flushed:
+            try:
+                future.result()
             except ExportError as err:
                 self.error = self.error or str(err)
         self.written = written

@@ -165,7 +165,8 @@ def stream_hf(
         writer.error = str(err)
     for name, tensor in tensors:
         writer.add(name, tensor)
-    return {"error": writer.error, "files": writer.finish()}
+    files = writer.finish()
+    return {"error": writer.error, "files": files}
 
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
