@@ -166,6 +166,20 @@ def test_files_are_flushed_before_the_manifest_and_a_failed_flush_fails(
         export_model(model, tmp_path / "good", max_shard_size="8KB")
     assert _snapshot_dir(tmp_path / "good") == good
 
+    monkeypatch.undo()
+    write, calls = hf.write_safetensors, []
+
+    def last_write_fails(path: Path, *args, **kwargs) -> dict:
+        calls.append(path.name)
+        if len(calls) == len(written):
+            raise OSError(5, "Input/output error")
+        return write(path, *args, **kwargs)
+
+    monkeypatch.setattr(hf, "write_safetensors", last_write_fails)
+    with pytest.raises(ExportError, match="could not write .*Input/output error"):
+        export_model(model, tmp_path / "good", max_shard_size="8KB")
+    assert _snapshot_dir(tmp_path / "good") == good
+
 
 def _mount_tmpfs(path: Path, options: str) -> bool:
     path.mkdir()
