@@ -133,19 +133,10 @@ def commit_collectively(
         raise ExportError(error)
     temp = Path(temp_name)
     try:
-        reports = comm.gather_objects(body(temp), group=group)
-        errors = [r["error"] for r in reports if r.get("error")]
-        if errors:
-            raise ExportError(f"export to {target} failed: {errors[0]}")
-        known = {name: entry for r in reports for name, entry in r.get("files", {}).items()}
+        reports = comm.gather_to_first(body(temp), group=group)
         error = None
         if rank == 0:
-            try:
-                if seal is not None:
-                    seal(temp)
-                commit(temp, target, info, known)
-            except (ExportError, OSError) as err:
-                error = f"export to {target} failed while sealing it: {err}"
+            error = _seal_and_commit(reports, temp, target, info, seal)
         error = comm.broadcast_object(error, group=group)
         if error:
             raise ExportError(error)
@@ -154,3 +145,20 @@ def commit_collectively(
             abort(temp)
         raise
     return target
+
+
+def _seal_and_commit(
+    reports: list[dict], temp: Path, target: Path, info: dict, seal: Callable[[Path], None] | None
+) -> str | None:
+    """On the first rank: commit the export the ranks' ``reports`` describe, or say why not."""
+    errors = [r["error"] for r in reports if r.get("error")]
+    if errors:
+        return f"export to {target} failed: {errors[0]}"
+    known = {name: entry for r in reports for name, entry in r.get("files", {}).items()}
+    try:
+        if seal is not None:
+            seal(temp)
+        commit(temp, target, info, known)
+    except (ExportError, OSError) as err:
+        return f"export to {target} failed while sealing it: {err}"
+    return None
