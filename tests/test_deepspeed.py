@@ -67,6 +67,7 @@ def _parity_worker(rank: int, world_size: int, stage: int, zero: dict) -> dict:
         assert all(torch.equal(snapshot[k], v) for k, v in reference(engine).items()), "master"
         assert all(torch.equal(working[k], v) for k, v in full_working(engine).items()), "working"
     assert engine.pma.num_snapshots == STEPS
+    out["master_shapes"] = engine.pma.backend.master_shapes()
     assert engine.pma.buffer_names == ["balance"], "persistent floating buffers only"
     assert engine.pma._step_hooked, "the wrapped torch optimizer orders its step after copies"
     plain = make_engine(stage, world_size, None, **zero)
@@ -90,6 +91,8 @@ def test_zero_stage_merges_fp32_masters(stage: int, world_size: int, zero: dict)
     kinds = {3: "zero3", 2: "zero12", 1: "bf16" if "grad_accum_dtype" in zero else "zero12"}
     assert result["kind"] == kinds[stage]
     assert result["live_integer_buffer"] == list(range(1, STEPS + 1)), "integer buffers stay live"
+    shapes = {k: tuple(v.shape) for k, v in result["snapshots"][-1].items() if k != "balance"}
+    assert result["master_shapes"] == shapes, "every rank names and shapes every master alone"
     for step, (merged, working) in enumerate(zip(result["merged"], result["merged_working"])):
         method = "ema" if step % 2 else "wma"
         expected = window_reference(result["snapshots"][: step + 1], 3, method, 0.3)
@@ -298,6 +301,8 @@ def test_zero3_export_loads_with_transformers(tmp_path: Path) -> None:
         moved = {k: v for k, v in r["calls"].items() if k.endswith(" numel")}
         moved = {k: v for k, v in moved.items() if k not in point_to_point}
         assert max(moved.values(), default=0) <= 64, ("only the writer gathers", r["calls"])
+        everyone = ("all_gather", "all_gather_object")
+        assert not any(r["calls"].get(c) for c in everyone), ("O(world) per rank", r["calls"])
     sends = [r["calls"]["send"] for r in results]
     assert sum(sends) == sum(r["calls"]["recv"] for r in results) and all(sends), sends
     loaded, info = AutoModelForCausalLM.from_pretrained(

@@ -54,27 +54,41 @@ def check_version(version: str | None = None) -> None:
         )
 
 
-def expert_renaming(module: nn.Module) -> dict[str, str]:
-    """Local expert parameter names to global ones for every DeepSpeed MoE layer in ``module``."""
+def expert_names(module: nn.Module) -> dict[str, tuple[int, list[str]]]:
+    """Each local DeepSpeed MoE expert parameter's name to this rank's expert-parallel rank and
+    the parameter's global name on every expert-parallel rank (index r: its name there).
+
+    Experts are numbered ``ep_rank * num_local_experts + local_id``; every expert-parallel rank
+    builds its experts alike, so a rank can name (and shape) the experts it does not hold."""
     try:
         from deepspeed.moe.experts import Experts
         from deepspeed.utils import groups
     except ImportError:
         return {}
-    renames = {}
+    names = {}
     for prefix, sub in module.named_modules():
         if not isinstance(sub, Experts):
             continue
         group_name = next(sub.parameters()).group_name
         ep_rank = groups._get_expert_parallel_rank(group_name)
-        base = ep_rank * sub.num_local_experts
+        ep_size = groups._get_expert_parallel_world_size(group_name)
+        count = sub.num_local_experts
         for name, _ in sub.named_parameters():
             match = re.match(r"deepspeed_experts\.(\d+)\.(.*)", name)
             if match:
                 local_id, rest = int(match.group(1)), match.group(2)
                 full = f"{prefix}.{name}" if prefix else name
-                renames[full] = f"{prefix}.deepspeed_experts.{base + local_id}.{rest}"
-    return renames
+                every = [
+                    f"{prefix}.deepspeed_experts.{r * count + local_id}.{rest}"
+                    for r in range(ep_size)
+                ]
+                names[full] = (ep_rank, every)
+    return names
+
+
+def expert_renaming(module: nn.Module) -> dict[str, str]:
+    """Local expert parameter names to global ones for every DeepSpeed MoE layer in ``module``."""
+    return {local: every[ep_rank] for local, (ep_rank, every) in expert_names(module).items()}
 
 
 def parameter_names(module: nn.Module) -> dict[int, str]:
@@ -174,6 +188,24 @@ class DeepSpeedBackend:
                     )
             yield Shard(f"zero3.subgroup{sg}", flat, tuple(flat.shape), None, tuple(fragments))
 
+    def master_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every averaged parameter's global name and full shape, from this rank alone: each
+        rank's ZeRO groups list every parameter of the model (partitioned or not), and the
+        experts other expert-parallel ranks hold are named after this rank's own."""
+        kind_groups = {"zero3": "fp16_groups", "zero12": "round_robin_bit16_groups"}
+        groups = getattr(self.optimizer, kind_groups.get(self.kind, "bf16_groups"))
+        local = {id(p): n for n, p in self._module.named_parameters()}
+        experts = expert_names(self._module)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for params in groups:
+            for p in params:
+                shape = tuple(getattr(p, "ds_shape", p.shape))
+                if math.prod(shape) == 0:
+                    continue
+                _, every = experts.get(local[id(p)], (0, [self._name(p)]))
+                shapes.update((canonical_name(name), shape) for name in every)
+        return shapes
+
     def source(self) -> MasterSource:
         """The engine's full fp32 masters (and buffers), for export."""
         return MasterSource(self)
@@ -202,18 +234,9 @@ class MasterSource:
     dcp_state = None
 
     def __init__(self, backend: DeepSpeedBackend) -> None:
-        from .. import comm
-
         self.module = backend._module
         self.backend = backend
-        local = {}
-        for shard in self.backend.shards():
-            for f in shard.fragments if not shard.buffer else ():
-                local.setdefault(f.param, tuple(f.shape))
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for part in comm.gather_objects(local):
-            for name, shape in part.items():
-                self.shapes.setdefault(name, shape)
+        self.shapes = backend.master_shapes()
         params = _param_names(self.module)
         self.buffers = {
             canonical_name(n): b for n, b in self.module.state_dict().items() if n not in params

@@ -10,8 +10,9 @@ part. Replicated tensors need no communication. Any other layout falls back to
 ``full_tensor()`` on every rank.
 
 A tensor held as runs of flat elements on several ranks (DeepSpeed's flat fp32 partitions)
-reaches its writers the same way: the ranks first exchange where their runs lie (a few
-integers per rank), then each holder sends its runs to each writer, point to point.
+reaches its writers the same way: each writer first gathers where the ranks' runs lie (a few
+integers from each rank; the other ranks receive nothing), then each holder sends its runs to
+it, point to point.
 """
 
 from __future__ import annotations
@@ -110,19 +111,21 @@ def deliver_runs(
     layout = torch.zeros(2 * max_runs, dtype=torch.int64)
     for i, (piece, start) in enumerate(runs):
         layout[2 * i], layout[2 * i + 1] = start, piece.numel()
-    everyone = [torch.empty_like(layout, device=wire) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, layout.to(wire), group=group)
+    layout = layout.to(wire)
     members = dist.get_process_group_ranks(group)
-    held = {
-        member: [(int(t[2 * i]), int(t[2 * i + 1])) for i in range(max_runs) if t[2 * i + 1]]
-        for member, t in zip(members, (t.cpu() for t in everyone))
-    }
     out = torch.empty(shape, dtype=torch.float32, device="meta")
     for writer in sorted(writers):
         if me != writer:
+            dist.gather(layout, None, dst=writer, group=group)
             for piece, _ in runs:
                 dist.send(piece.to(wire).contiguous(), dst=writer, group=group)
             continue
+        everyone = [torch.empty_like(layout) for _ in members]
+        dist.gather(layout, everyone, dst=writer, group=group)
+        held = {
+            member: [(int(t[2 * i]), int(t[2 * i + 1])) for i in range(max_runs) if t[2 * i + 1]]
+            for member, t in zip(members, (t.cpu() for t in everyone))
+        }
         full = torch.empty(out.numel(), dtype=torch.float32, device="cpu")
         covered = 0
         for member in members:
