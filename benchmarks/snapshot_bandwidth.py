@@ -10,7 +10,9 @@ write), each with the non-finite check off (``on_nonfinite="ignore"``) and on (`
 default: window mode sums each block right after copying it, while it is in cache, and agrees
 with the other ranks once a window, which is in the timing; running mode reads the shard once
 more and all-reduces a scalar). Targets: window >= 90% of copy bandwidth, running <= 1.5x a
-copy, the default window snapshot <= 1.05x the time of a copy.
+copy, the default window snapshot <= 1.05x the time of a copy. On a GPU, also the checked
+window snapshot with the fused Triton kernel turned off (``window_skip_foreach``), and an
+offloaded snapshot against a plain pinned device-to-host copy.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import interleaved_medians, machine, write_json
-from pma_dist import Merger, PMAConfig
+from pma_dist import Merger, PMAConfig, triton_kernels
 
 TENSOR_SIZES = [4096 * 4096, 4096 * 1024, 1024 * 1024, 4096, 4096]
 
@@ -72,6 +74,7 @@ def bench_size(millions: int, device: torch.device, repeats: int, window: int) -
         )
         cases["d2h_copy"] = lambda: [h.copy_(p, non_blocking=True) for h, p in zip(pinned, params)]
         cases["window_offload"] = offloaded.snapshot
+        cases["window_skip_foreach"] = lambda: _without_triton(mergers["window_skip"].snapshot)
     t = interleaved_medians(cases, device, repeats)
     copy = t["foreach_copy"]
     row = {
@@ -88,7 +91,17 @@ def bench_size(millions: int, device: torch.device, repeats: int, window: int) -
     }
     if "d2h_copy" in t:
         row["window_offload_bandwidth_vs_d2h"] = t["d2h_copy"] / t["window_offload"]
+        row["window_checked_foreach_time_vs_copy"] = t["window_skip_foreach"] / copy
     return row
+
+
+def _without_triton(snapshot) -> None:
+    """``snapshot()`` with the checked copy on torch's foreach kernels instead of Triton's."""
+    triton_kernels.enabled = False
+    try:
+        snapshot()
+    finally:
+        triton_kernels.enabled = True
 
 
 def table(rows: list[dict]) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from . import triton_kernels
 from .offload import chunks
 
 Tensors = Sequence[torch.Tensor]
@@ -47,6 +48,8 @@ def copy_checked(dst: Tensors, src: Tensors) -> torch.Tensor:
 
     One pass over memory: the copy runs in blocks (views) and each block is summed right after
     it is written, while it is still in cache (see :func:`all_finite` for why a sum decides).
+    On a GPU, tensors of 1 MiB and more are copied and summed by one Triton kernel
+    (:mod:`pma_dist.triton_kernels`), the rest in ``_foreach`` batches that fit in L2.
     """
     sums: list[torch.Tensor] = []
     if dst and dst[0].device.type == "cpu":
@@ -57,12 +60,24 @@ def copy_checked(dst: Tensors, src: Tensors) -> torch.Tensor:
                 block.copy_(flat_live[part])
                 sums.append(block.sum(dtype=torch.float32))
     else:
+        fused = [i for i, pair in enumerate(zip(dst, src)) if triton_kernels.suits(*pair)]
+        total = None
+        if fused:
+            total = triton_kernels.copy_sum([dst[i] for i in fused], [src[i] for i in fused])
+        if total is not None:
+            sums.append(total)
+            dst, src = _without(dst, fused), _without(src, fused)
         for outs, lives in _batches(dst, src, DEVICE_BATCH_BYTES):
             torch._foreach_copy_(outs, lives)
             sums.extend(torch._foreach_norm(outs, 1, dtype=torch.float32))
     if not sums:
         return torch.ones((), device=dst[0].device if dst else "cpu")
     return torch.isfinite(torch.stack(sums).sum()).float()
+
+
+def _without(tensors: Tensors, indices: list[int]) -> list[torch.Tensor]:
+    skip = set(indices)
+    return [t for i, t in enumerate(tensors) if i not in skip]
 
 
 def _batches(dst: Tensors, src: Tensors, max_bytes: int) -> Iterator[tuple[list, list]]:

@@ -122,3 +122,33 @@ def test_bf16_weights_reach_fp32_host_slots_exactly() -> None:
     for name, slot in zip(merger.names, merger._state.slots[0]):
         assert slot.dtype == torch.float32
         assert torch.equal(slot, params[name].detach().float().cpu()), name
+
+
+def test_device_slots_are_copied_and_checked_by_the_triton_kernel(monkeypatch) -> None:
+    """Window snapshots into GPU slots: tensors of MIN_NUMEL and more go through the fused
+    copy-and-sum kernel (the small ones through foreach batches), the slots hold the live
+    weights bitwise, and a NaN in a large tensor is left out of the window at agreement."""
+    from pma_dist import triton_kernels
+
+    launched = []
+    copy_sum = triton_kernels.copy_sum
+
+    def counting(dst, src):
+        total = copy_sum(dst, src)
+        launched.append((len(dst), total is not None))
+        return total
+
+    monkeypatch.setattr(triton_kernels, "copy_sum", counting)
+    model = make_model().cuda()
+    model.big = torch.nn.Parameter(torch.randn(triton_kernels.MIN_NUMEL * 3 + 7, device="cuda"))
+    merger = Merger(model, None, PMAConfig(window=3, interval_steps=1))
+    assert merger.snapshot()
+    assert launched == [(1, True)], launched
+    params = dict(model.named_parameters())
+    for name, slot in zip(merger.names, merger._state.slots[0]):
+        assert torch.equal(slot, params[name].detach()), name
+    with torch.no_grad():
+        model.big[-1] = float("nan")
+    merger.snapshot()
+    merger.agree()
+    assert merger.num_snapshots == 1 and merger.num_skipped == 1
