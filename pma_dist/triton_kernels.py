@@ -11,6 +11,7 @@ build, a warning says so once and the ``_foreach`` path takes over for the proce
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -53,10 +54,12 @@ def copy_sum(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> torch.
     counts = [-(-t.numel() // BLOCK) for t in dst]
     partials = torch.empty(sum(counts), dtype=torch.float32, device=dst[0].device)
     start = 0
+    device = dst[0].device
     try:
-        for out, live, count in zip(dst, src, counts):
-            kernel[(count,)](live, out, partials[start:], out.numel(), BLOCK=BLOCK)
-            start += count
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            for out, live, count in zip(dst, src, counts):
+                kernel[(count,)](live, out, partials[start:], out.numel(), BLOCK=BLOCK)
+                start += count
     except Exception as err:  # noqa: BLE001 - any build failure falls back to torch's kernels
         enabled = False
         log.warning("PMA's Triton copy kernel failed (%s); using torch's foreach kernels", err)
