@@ -73,6 +73,36 @@ def test_killed_rank_mid_export_leaves_previous_export_intact(tmp_path: Path) ->
     )
 
 
+class _UnsavableTokenizer:
+    """A tokenizer whose files cannot be written (raised while the first rank seals)."""
+
+    def save_pretrained(self, directory) -> None:
+        raise ValueError("tokenizer cannot be saved")
+
+
+def _seal_fails_worker(rank: int, world_size: int, root: str) -> str:
+    model = make_model()
+    export_model(model, Path(root) / "good", progress=False)
+    try:
+        export_model(model, Path(root) / "good", tokenizer=_UnsavableTokenizer(), progress=False)
+    except ExportError as err:
+        return str(err)
+    return "exported"
+
+
+def test_a_failure_while_sealing_reaches_every_rank(tmp_path: Path) -> None:
+    """Sealing (config, tokenizer, manifest) runs on the first rank alone: whatever it raises,
+    the other ranks hear of it at once instead of waiting at the next collective."""
+    outcomes = run_rank_outcomes(
+        _seal_fails_worker, 2, str(tmp_path), collective_timeout=30, timeout=180
+    )
+    for outcome in outcomes:
+        assert outcome.exitcode == 0, outcome
+        assert "ValueError: tokenizer cannot be saved" in outcome.result, outcome.result
+    assert verify_export(tmp_path / "good") == []
+    assert [p.name for p in tmp_path.iterdir()] == ["good"]
+
+
 def _first_export(tmp_path: Path):
     model = make_model()
     export_model(model, tmp_path / "good")

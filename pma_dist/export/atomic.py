@@ -159,6 +159,7 @@ def _seal_and_commit(
         if seal is not None:
             seal(temp)
         commit(temp, target, info, known)
-    except (ExportError, OSError) as err:
-        return f"export to {target} failed while sealing it: {err}"
+    except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait for it
+        reason = err if isinstance(err, (ExportError, OSError)) else f"{type(err).__name__}: {err}"
+        return f"export to {target} failed while sealing it: {reason}"
     return None
