@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import logging
 from collections.abc import Sequence
 
@@ -39,7 +38,7 @@ def suits(dst: torch.Tensor, src: torch.Tensor) -> bool:
         and dst.numel() >= MIN_NUMEL
         and dst.is_contiguous()
         and src.is_contiguous()
-        and _triton_installed()
+        and _kernel() is not None
     )
 
 
@@ -51,10 +50,10 @@ def copy_sum(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> torch.
     kernel = _kernel() if dst else None
     if kernel is None:
         return None
-    counts = [-(-t.numel() // BLOCK) for t in dst]
-    partials = torch.empty(sum(counts), dtype=torch.float32, device=dst[0].device)
-    start = 0
     device = dst[0].device
+    counts = [-(-t.numel() // BLOCK) for t in dst]
+    partials = torch.empty(sum(counts), dtype=torch.float32, device=device)
+    start = 0
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             for out, live, count in zip(dst, src, counts):
@@ -65,11 +64,6 @@ def copy_sum(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> torch.
         log.warning("PMA's Triton copy kernel failed (%s); using torch's foreach kernels", err)
         return None
     return partials.sum()
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
