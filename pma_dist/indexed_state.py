@@ -1,12 +1,14 @@
 """Averaging state as one safetensors file per rank plus one small index, resumed reading only
 this rank's share.
 
-Save (collective): rank 0 gathers the fragments (which parameter elements each rank's shards
-hold) and tells each rank which of its shards it saves: the first rank holding given elements,
-so DDP and HSDP replicas and buffers are written once, not once per replica. Every rank writes
+Save (collective): the ranks describe their fragments (which parameter elements their shards
+hold) to rank 0 relative to rank 0's own, in O(their share) (:mod:`.save_layout`), and rank 0
+tells each rank which of its shards it saves: the first rank holding given elements, so DDP and
+HSDP replicas and buffers are written once, not once per replica. Every rank writes
 ``pma_<id>_rank<r>.safetensors``, those slot tensors flat, with a checksum per chunk of
 ``CHUNK_NUMEL`` elements in the file's header; then rank 0 writes ``pma_index.json`` (the state
-header, the save's id and the saved fragments), last and atomically. The id names the files, so
+header, the save's id and where each parameter's elements lie, as run series: O(parameters) for
+FSDP2, HSDP and ZeRO-3 at any world size), last and atomically. The id names the files, so
 until the new index replaces the old one the previous save is whole; stale files are removed
 afterwards.
 
@@ -36,7 +38,9 @@ from .errors import PMAStateError
 from .files import fsync_path, replace_durably
 from .offload import chunks
 from .safetensors_io import DTYPES, write_safetensors
-from .state_files import FORMAT, Copy, SavedRuns, bit_checksum, plan_copies
+from .save_layout import describe_rank, exchanged, plan_save, shard_writes
+from .saved_runs import Copy, SavedRuns, plan_copies
+from .state_files import FORMAT, bit_checksum
 from .state_format import FORMAT_VERSION, StateHeader, check_version
 
 INDEX = "pma_index.json"
@@ -73,56 +77,38 @@ def write_indexed(
     missing = [s.name for s in shards if s.local.numel() and not s.fragments]
     if missing:
         raise PMAStateError(f"shards {missing[:3]} have a layout without fragments")
-    fragments = [
-        [(f.param, list(f.shape), f.start, f.numel, f.local_start) for f in s.fragments]
-        for s in shards
-    ]
-    gathered = comm.gather_to_first(fragments, group=group)
-    plan = None
+    fragments = exchanged(shards)
+    template = comm.broadcast_object(fragments if rank == 0 else None, group=group)
+    layout = describe_rank(fragments, template)
+    layouts = comm.gather_to_first(layout, group=group)
+    plan = decisions = None
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
         save_id = uuid.uuid4().hex[:12]
-        writes = _first_copies(gathered)
-        plan = [(save_id, w) for w in writes]
-    save_id, mine = comm.scatter_from_first(plan, group=group)
-    _write_rank_file(directory / file_name(save_id, rank), save_id, rank, slots, mine)
+        empty = [(f.param, tuple(f.shape)) for s in shards for f in s.fragments if not f.numel]
+        plan = plan_save(template, layouts, empty)
+        decisions = [(save_id, d) for d in plan.writes]
+    save_id, decision = comm.scatter_from_first(decisions, group=group)
+    writes = shard_writes(layout, decision, fragments)
+    _write_rank_file(directory / file_name(save_id, rank), save_id, rank, slots, writes)
     comm.gather_to_first(None, group=group)
-    if rank == 0:
-        files = [
-            {"fragments": [f if w else [] for f, w in zip(frags, ws)]}
-            for frags, ws in zip(gathered, writes)
-        ]
+    if plan is not None:
         index = {
             "format": INDEX_FORMAT,
             "version": FORMAT_VERSION,
             "save_id": save_id,
-            "world_size": len(gathered),
+            "world_size": len(layouts),
             "num_slots": len(slots),
             "header": header.to_flat(),
-            "files": files,
+            "params": plan.params,
         }
         replace_durably(directory / INDEX, json.dumps(index).encode())
-        keep = {file_name(save_id, r) for r in range(len(gathered))}
+        keep = {file_name(save_id, r) for r in range(len(layouts))}
         for stale in directory.glob("pma_*_rank*.safetensors"):
             if stale.name not in keep:
                 stale.unlink(missing_ok=True)
     comm.broadcast_object(None, group=group)
     return directory
-
-
-def _first_copies(gathered: list[list[list]]) -> list[list[bool]]:
-    """Per rank and shard, whether that rank saves the shard: the first rank holding the same
-    elements does (DDP and HSDP replicas, buffers are saved once, not once per replica)."""
-    seen: set = set()
-    writes = []
-    for fragments in gathered:
-        mine = []
-        for shard in fragments:
-            key = tuple((param, start, numel) for param, _, start, numel, _ in shard)
-            mine.append(bool(shard) and key not in seen)
-            seen.add(key)
-        writes.append(mine)
-    return writes
 
 
 def _write_rank_file(
@@ -160,6 +146,14 @@ def read_index(directory: Path) -> dict[str, Any]:
         raise PMAStateError(f"{path}: not a pma_dist state index")
     check_version(index.get("version"), str(path))
     return index
+
+
+def saved_runs(index: dict[str, Any], where: str) -> SavedRuns:
+    """Where the elements of the save ``index`` describes lie (earlier releases listed every
+    rank's fragments under ``files``)."""
+    if "files" in index:
+        return SavedRuns.of(index["files"])
+    return SavedRuns.from_index(index.get("params"), index.get("world_size"), where)
 
 
 class RankFileReader:
@@ -262,7 +256,7 @@ def plan_indexed(directory: Path, shards: list[Shard], ours: StateHeader) -> Ind
     index = read_index(directory)
     header = StateHeader.from_flat(index["header"], str(directory))
     header.check_matches(ours, str(directory))
-    copies = plan_copies(SavedRuns.of(index["files"]), shards)
+    copies = plan_copies(saved_runs(index, str(directory)), shards)
     by_file: dict[int, list[Copy]] = defaultdict(list)
     for c in copies:
         by_file[c.file].append(c)

@@ -22,15 +22,8 @@ from .averaging import AveragingState
 from .backends import Backend
 from .errors import PMAStateError
 from .indexed_state import IndexedLoad, has_index, plan_indexed, write_indexed
-from .state_files import (
-    FILE_GLOB,
-    Copy,
-    SavedRuns,
-    apply_copies,
-    file_header,
-    plan_copies,
-    read_rank_files,
-)
+from .saved_runs import Copy, SavedRuns, plan_copies
+from .state_files import FILE_GLOB, apply_copies, file_header, read_rank_files
 from .state_format import StateHeader
 
 

@@ -127,6 +127,40 @@ def meta_model(config: dict[str, Any]) -> nn.Module:
         return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
 
 
+@contextmanager
+def simulated_merger(
+    model: str, world: int, replicas: int, rank: int, window: int | None, experts_dim: int
+) -> Iterator[Any]:
+    """A Merger on ``model`` (see :func:`model_config`) on the meta device, sharded with FSDP2
+    as rank ``rank`` of ``world`` shards it (HSDP with ``replicas`` replica groups), inside the
+    fake process group: the real layout for that rank, in seconds and without memory."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    from .config import PMAConfig
+    from .merger import Merger
+    from .sharding import fully_shard_blocks
+
+    config = model_config(model)
+    with fake_world(rank, world):
+        module = meta_model(config)
+        shape = (replicas, world // replicas) if replicas > 1 else (world,)
+        names = ("replicate", "shard") if replicas > 1 else ("shard",)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+
+        def placement(param: nn.Parameter) -> Shard:
+            return Shard(experts_dim if param.ndim == 3 else 0)
+
+        fully_shard_blocks(module, module.model.layers, mesh, shard_placement_fn=placement)
+        if next(module.parameters()).device_mesh.get_coordinate() != mesh.get_coordinate():
+            raise RuntimeError(
+                "PyTorch gave the model the device mesh of another rank simulated earlier in "
+                "this process (equal meshes are shared): simulate one rank per process"
+            )
+        # Slots stay on the meta device whatever the offload setting: their bytes are the same.
+        yield Merger(module, None, PMAConfig(window=window, interval_steps=1))
+
+
 def plan(
     model: str,
     world: int,
@@ -141,31 +175,12 @@ def plan(
     """The per-rank figures of a Merger on ``model`` sharded over ``world`` ranks. Three-
     dimensional (grouped-expert) tensors are sharded on ``experts_dim`` (1: within each
     expert, as MoE runs do once ranks outnumber experts; 0: by expert, FSDP2's default)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard
-
-    from .config import PMAConfig
-    from .merger import Merger
-    from .sharding import fully_shard_blocks
-
     if world < 1 or replicas < 1 or world % replicas or not 0 <= rank < world:
         raise ValueError(
             f"--world {world} --replicas {replicas} --rank {rank}: need world >= 1 divisible by "
             "replicas, and 0 <= rank < world"
         )
-    config = model_config(model)
-    with fake_world(rank, world):
-        module = meta_model(config)
-        shape = (replicas, world // replicas) if replicas > 1 else (world,)
-        names = ("replicate", "shard") if replicas > 1 else ("shard",)
-        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
-
-        def placement(param: nn.Parameter) -> Shard:
-            return Shard(experts_dim if param.ndim == 3 else 0)
-
-        fully_shard_blocks(module, module.model.layers, mesh, shard_placement_fn=placement)
-        # Slots stay on the meta device whatever ``offload`` says: their bytes are the same.
-        merger = Merger(module, None, PMAConfig(window=window, interval_steps=1))
+    with simulated_merger(model, world, replicas, rank, window, experts_dim) as merger:
         shards = [s for s in merger.backend.shards() if not s.buffer]
         real = [sum(f.numel for f in s.fragments) for s in shards]
         slot = sum(real) * 4

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .backends.base import Fragment, Shard
-from .indexed_state import RankFileReader, file_name, read_index, tensor_name
-from .state_files import SavedRuns, plan_copies
+from .indexed_state import RankFileReader, file_name, read_index, saved_runs, tensor_name
+from .saved_runs import plan_copies
 from .state_format import StateHeader
 
 
@@ -31,7 +31,7 @@ class SavedTensors:
         """The saved state's header (settings, counts, slot records)."""
         self.dtype: torch.dtype = getattr(torch, self.header.config.get("dtype", "float32"))
         """The slots' dtype (the Merger's accumulation dtype)."""
-        self._runs = SavedRuns.of(self._index["files"])
+        self._runs = saved_runs(self._index, str(self.directory))
         self.shapes: dict[str, tuple[int, ...]] = self._runs.shapes
         """Every saved tensor's global shape, in the order first saved."""
         self._readers: dict[int, RankFileReader] = {}

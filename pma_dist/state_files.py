@@ -3,8 +3,9 @@
 
 Each rank's slot tensors are described by the ``Fragment``s that say which parameter elements
 each one holds, so a state saved under one layout (DeepSpeed ZeRO-2 on 8 ranks, say) loads under
-another (ZeRO-3 on 16, FSDP2 on 4): :func:`plan_copies` maps saved runs onto this rank's and
-checks that they cover every element it needs before anything changes.
+another (ZeRO-3 on 16, FSDP2 on 4): the files' fragments are read as saved runs
+(:class:`~pma_dist.saved_runs.SavedRuns`), which must cover every element this rank needs
+before anything changes.
 
 ``.pt`` files are plain data (dicts, lists, numbers, strings and tensors) loaded with
 ``torch.load(weights_only=True)``: a file that needs anything else is refused, so a crafted file
@@ -17,33 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .backends.base import Shard
 from .errors import PMAStateError
 from .offload import chunks
+from .saved_runs import Copy
 from .state_format import StateHeader, check_version
 
 FORMAT = "pma_dist-fragments"
 FILE_GLOB = "pma_rank*.pt"
-
-
-@dataclass(frozen=True)
-class Copy:
-    """``numel`` elements from saved file ``file``, shard ``src_shard`` at flat ``src`` into
-    local shard ``dst_shard`` at flat ``dst``."""
-
-    file: int
-    src_shard: int
-    src: int
-    dst_shard: int
-    dst: int
-    numel: int
 
 
 def bit_checksum(tensor: torch.Tensor) -> int:
@@ -116,77 +102,6 @@ def read_rank_files(directory: Path) -> list[dict[str, Any]]:
     if len({f["version"] for f in files}) > 1:
         raise PMAStateError(f"{directory}: files of different format versions are mixed")
     return files
-
-
-@dataclass
-class SavedRuns:
-    """Where each saved parameter's elements lie: per parameter, its runs
-    ``(start, numel, file, shard, local_start)`` sorted by start, and its global shape (in the
-    order parameters were first saved). Built once per save, planned against many times."""
-
-    runs: dict[str, list[tuple[int, int, int, int, int]]]
-    shapes: dict[str, tuple[int, ...]]
-
-    @classmethod
-    def of(cls, files: list[dict[str, Any]]) -> SavedRuns:
-        """The runs of ``files``, each a dict whose ``fragments`` list per shard the runs it
-        holds as ``(param, shape, start, numel, local_start)``."""
-        runs: dict[str, list[tuple[int, int, int, int, int]]] = defaultdict(list)
-        shapes: dict[str, tuple[int, ...]] = {}
-        for index, f in enumerate(files):
-            for shard_index, fragments in enumerate(f["fragments"]):
-                for param, shape, start, numel, local_start in fragments:
-                    runs[param].append((start, numel, index, shard_index, local_start))
-                    shapes[param] = tuple(shape)
-        for param_runs in runs.values():
-            param_runs.sort()
-        return cls(dict(runs), shapes)
-
-
-def plan_copies(
-    saved: SavedRuns, shards: list[Shard], *, skip: set[int] | frozenset = frozenset()
-) -> list[Copy]:
-    """The copies that fill every fragment of ``shards`` (but those at indices ``skip``) from
-    the ``saved`` runs.
-
-    Raises ``PMAStateError`` naming the first parameter whose elements are not all saved or
-    whose shape differs. Replicas saved by several ranks are read once.
-    """
-    shapes = saved.shapes
-    copies = []
-    for dst_shard, shard in enumerate(shards):
-        if dst_shard in skip:
-            continue
-        for frag in shard.fragments:
-            if frag.param not in shapes:
-                raise PMAStateError(f"saved PMA state has no parameter {frag.param!r}")
-            if shapes[frag.param] != tuple(frag.shape):
-                raise PMAStateError(
-                    f"saved PMA state has {frag.param!r} with shape {shapes[frag.param]}, "
-                    f"this model has {tuple(frag.shape)}"
-                )
-            cursor, end = frag.start, frag.start + frag.numel
-            for start, numel, index, src_shard, local_start in saved.runs[frag.param]:
-                if start > cursor or cursor >= end:
-                    break
-                stop = min(start + numel, end)
-                if stop > cursor:
-                    copies.append(
-                        Copy(
-                            index,
-                            src_shard,
-                            local_start + cursor - start,
-                            dst_shard,
-                            frag.local_start + cursor - frag.start,
-                            stop - cursor,
-                        )
-                    )
-                    cursor = stop
-            if cursor < end:
-                raise PMAStateError(
-                    f"saved PMA state lacks elements [{cursor}, {end}) of {frag.param!r}"
-                )
-    return copies
 
 
 def apply_copies(

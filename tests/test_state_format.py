@@ -101,6 +101,36 @@ def test_version_1_dcp_and_rank_files_load(tmp_path: Path) -> None:
     assert index["version"] == 2 and index["header"]["meta"]["format"] == 2
 
 
+def _assert_fixture_loads(model, directory: Path, snapshots: list, what: str) -> None:
+    """The state of tests/data/make_state_v2_pt.py's run, saved under ``directory``, loads into
+    a fresh Merger: 3 snapshots counted, the last two held, their SMA in the swap."""
+    loaded = Merger(model, None, PMAConfig(method="sma", window=2, interval_steps=1))
+    loaded.load(directory)
+    assert loaded.num_snapshots == 3 and loaded.history == [(2, 0), (3, 0)]
+    with loaded.swapped():
+        merged = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert_close_rel(merged, merge_reference(snapshots[1:], "sma"), 1e-6, what)
+
+
+def test_indexes_listing_every_ranks_fragments_still_load(tmp_path: Path) -> None:
+    """Indexes of earlier releases list each rank's fragments instead of run series
+    (tests/data/make_state_v2_index.py): they load, whole and per tensor."""
+    import shutil
+
+    from pma_dist.saved_tensors import SavedTensors
+    from tests.data.make_state_v2_index import HERE, saved_run
+
+    model, _, snapshots = saved_run()
+    directory = Path(shutil.copytree(HERE, tmp_path / "state"))
+    assert "files" in json.loads((directory / "pma_index.json").read_text())
+    _assert_fixture_loads(model, directory, snapshots, "earlier index")
+    saved = SavedTensors(directory)
+    third, second = saved.read("head.weight", [0, 1])
+    saved.close()
+    assert torch.equal(third, snapshots[2]["head.weight"]), "slot 0 holds the third snapshot"
+    assert torch.equal(second, snapshots[1]["head.weight"])
+
+
 class _RunsCode:
     """Unpickling this runs code: it creates a marker file."""
 
@@ -122,12 +152,7 @@ def test_earlier_pt_state_files_load_never_run_code_and_refuse_edited_headers(
 
     model, _, snapshots = saved_run()
     directory = Path(shutil.copytree(HERE, tmp_path / "state"))
-    loaded = Merger(model, None, PMAConfig(method="sma", window=2, interval_steps=1))
-    loaded.load(directory)
-    assert loaded.num_snapshots == 3 and loaded.history == [(2, 0), (3, 0)]
-    with loaded.swapped():
-        merged = {n: p.detach().clone() for n, p in model.named_parameters()}
-    assert_close_rel(merged, merge_reference(snapshots[1:], "sma"), 1e-6, "earlier .pt save")
+    _assert_fixture_loads(model, directory, snapshots, "earlier .pt save")
 
     path = directory / "pma_rank00000.pt"
     good = path.read_bytes()

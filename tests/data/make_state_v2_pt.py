@@ -34,10 +34,15 @@ def saved_run():
     return model, merger, snapshots
 
 
-def main() -> None:
+def write(directory: Path) -> None:
+    """Save the run's state under ``directory``, replacing what is there."""
     _, merger, _ = saved_run()
-    shutil.rmtree(HERE, ignore_errors=True)
-    merger.save(HERE)
+    shutil.rmtree(directory, ignore_errors=True)
+    merger.save(directory)
+
+
+def main() -> None:
+    write(HERE)
 
 
 if __name__ == "__main__":
