@@ -1,10 +1,17 @@
-"""The replica audit: ranks that hold the same elements must hold bit-identical averaging state."""
+"""The replica audit: ranks that hold the same elements must hold bit-identical averaging state.
+
+Nothing is gathered: each rank reduces its shards to (layout, checksums) digests and routes each
+to the rank its layout hashes to (:func:`~pma_dist.comm.route`), which compares the replicas it
+receives; one all-reduce then tells every rank whether counts, records and replicas agree. A
+rank's traffic is its own shards' digests, not the world's.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from . import comm
@@ -12,6 +19,9 @@ from .averaging import AveragingState
 from .backends import Backend
 from .errors import PMAStateError
 from .state_files import bit_checksum
+
+NONE = (1 << 62) - 1
+"""No replica differs."""
 
 
 def check_replicas(
@@ -22,23 +32,46 @@ def check_replicas(
     replicas, buffers) holds bit-identical slots on each. Collective; one read of the slots,
     whose padding is always zero."""
     state.wait_host()
-    mine: dict[str, list[int]] = {}
+    group = group if group is not None else comm.default_group()
+    rank, world = comm.rank(group), comm.world_size(group)
+    rows = []
     for i, shard in enumerate(backend.shards()):
-        layout = repr([(f.param, f.start, f.numel) for f in shard.fragments])
-        key = hashlib.sha1(layout.encode()).hexdigest()
-        mine[key] = [bit_checksum(slot[i]) for slot in state.slots]
-    summary = repr((counts, state.state_dict()))
-    everyone = comm.gather_objects((summary, mine), group=group)
-    if len({s for s, _ in everyone}) > 1:
+        layout = _digest(repr([(f.param, f.start, f.numel) for f in shard.fragments]))
+        rows.append((layout, _digest(repr([bit_checksum(slot[i]) for slot in state.slots])), rank))
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+    received = comm.route(table, [layout % world for layout, _, _ in rows], group)
+    summary = _digest(repr((counts, state.state_dict())))
+    verdict = torch.tensor([summary, -summary, _first_difference(received, world)])
+    if group is not None:
+        verdict = verdict.to(comm.collective_device(group, verdict.device))
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
+    lowest, negated_highest, difference = verdict.tolist()
+    if lowest != -negated_highest:
+        summaries = comm.gather_to_first(repr((counts, state.state_dict())), group=group)
+        message = None
+        if summaries is not None:
+            message = f"ranks disagree on counts and slot records: {sorted(set(summaries))}"
+        raise PMAStateError(comm.broadcast_object(message, group=group))
+    if difference != NONE:
+        holder, other = divmod(difference, world)
         raise PMAStateError(
-            f"ranks disagree on counts and slot records: {sorted({s for s, _ in everyone})}"
+            f"replicas differ: ranks {holder} and {other} hold the same elements but different "
+            "averaging state"
         )
-    first: dict[str, tuple[int, list[int]]] = {}
-    for rank, (_, sums) in enumerate(everyone):
-        for key, values in sums.items():
-            holder, expected = first.setdefault(key, (rank, values))
-            if values != expected:
-                raise PMAStateError(
-                    f"replicas differ: ranks {holder} and {rank} hold the same elements but "
-                    "different averaging state"
-                )
+
+
+def _digest(text: str) -> int:
+    """62 bits of the SHA-1 of ``text`` (an int64 that can be negated)."""
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "little") & ((1 << 62) - 1)
+
+
+def _first_difference(received: torch.Tensor, world: int) -> int:
+    """``holder * world + rank`` for the first pair of received rows with one layout but other
+    checksums (holder: the lowest rank holding that layout), or :data:`NONE`."""
+    first: dict[int, tuple[int, int]] = {}
+    found = NONE
+    for layout, sums, rank in sorted(map(tuple, received.tolist()), key=lambda r: r[2]):
+        holder, expected = first.setdefault(layout, (rank, sums))
+        if sums != expected:
+            found = min(found, holder * world + rank)
+    return found

@@ -142,3 +142,26 @@ def scatter_from_first(objs: list[Any] | None, group: dist.ProcessGroup | None =
     first = dist.get_global_rank(group, 0)
     dist.scatter_object_list(out, objs if dist.get_rank(group) == 0 else None, first, group)
     return out[0]
+
+
+def route(
+    rows: torch.Tensor, destinations: Sequence[int], group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Row i of the int64 matrix ``rows`` sent to rank ``destinations[i]``; the rows every rank
+    sent here, in rank order. A rank sends its own rows and receives those routed to it (plus
+    one count per rank), however large the world: a shuffle, not a gather."""
+    group = group if group is not None else default_group()
+    if group is None:
+        return rows
+    world = dist.get_world_size(group)
+    order = sorted(range(len(destinations)), key=destinations.__getitem__)
+    device = collective_device(group, rows.device)
+    send = rows[order].to(device).contiguous()
+    counts = torch.bincount(torch.tensor(destinations, dtype=torch.int64), minlength=world)
+    counts = counts.to(device)
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts, group=group)
+    sizes, inbound = counts.tolist(), received.tolist()
+    out = torch.empty((sum(inbound), rows.shape[1]), dtype=rows.dtype, device=device)
+    dist.all_to_all_single(out, send, inbound, sizes, group=group)
+    return out.cpu()
