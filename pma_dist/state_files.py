@@ -1,5 +1,5 @@
-"""Per-rank state in a layout-independent form: the resharding plan, and the reader of the
-``pma_rank*.pt`` files that earlier releases wrote (saves now go through :mod:`.indexed_state`).
+"""The reader of the ``pma_rank*.pt`` per-rank state files that earlier releases wrote (saves
+now go through :mod:`.indexed_state`), and the bit checksum both forms use.
 
 Each rank's slot tensors are described by the ``Fragment``s that say which parameter elements
 each one holds, so a state saved under one layout (DeepSpeed ZeRO-2 on 8 ranks, say) loads under
