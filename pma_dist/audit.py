@@ -40,14 +40,15 @@ def check_replicas(
         rows.append((layout, _digest(repr([bit_checksum(slot[i]) for slot in state.slots])), rank))
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
     received = comm.route(table, [layout % world for layout, _, _ in rows], group)
-    summary = _digest(repr((counts, state.state_dict())))
+    summary_text = repr((counts, state.state_dict()))
+    summary = _digest(summary_text)
     verdict = torch.tensor([summary, -summary, _first_difference(received, world)])
     if group is not None:
         verdict = verdict.to(comm.collective_device(group, verdict.device))
         dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
     lowest, negated_highest, difference = verdict.tolist()
     if lowest != -negated_highest:
-        summaries = comm.gather_to_first(repr((counts, state.state_dict())), group=group)
+        summaries = comm.gather_to_first(summary_text, group=group)
         message = None
         if summaries is not None:
             message = f"ranks disagree on counts and slot records: {sorted(set(summaries))}"

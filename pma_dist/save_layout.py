@@ -21,11 +21,11 @@ from typing import NamedTuple
 from .backends.base import Shard
 from .saved_runs import RunSeries
 
-Fragment = tuple[str, tuple[int, ...], int, int, int]
+FragmentRecord = tuple[str, tuple[int, ...], int, int, int]
 """``(param, shape, start, numel, local_start)`` as a save exchanges them."""
 
 
-def exchanged(shards: list[Shard]) -> list[list[Fragment]]:
+def exchanged(shards: list[Shard]) -> list[list[FragmentRecord]]:
     """The fragments of ``shards`` as a save exchanges them (empty ones left out)."""
     return [
         [(f.param, tuple(f.shape), f.start, f.numel, f.local_start) for f in s.fragments if f.numel]
@@ -33,7 +33,7 @@ def exchanged(shards: list[Shard]) -> list[list[Fragment]]:
     ]
 
 
-def shifted(template: list[Fragment], k: int) -> list[Fragment]:
+def shifted(template: list[FragmentRecord], k: int) -> list[FragmentRecord]:
     """Template fragments moved ``k`` chunks (each its own numel) along their parameter, cut at
     the parameter's end; those starting beyond it dropped."""
     out = []
@@ -44,7 +44,7 @@ def shifted(template: list[Fragment], k: int) -> list[Fragment]:
     return out
 
 
-def _shift_of(own: list[Fragment], template: list[Fragment]) -> int | None:
+def _shift_of(own: list[FragmentRecord], template: list[FragmentRecord]) -> int | None:
     """The k for which ``own`` is ``template`` shifted by k chunks, if there is one."""
     if not own:
         return None
@@ -63,11 +63,13 @@ class RankLayout:
     shift: int | None
     """Every shard not in ``exceptions`` is the template's shard shifted by this many chunks
     (None: those shards hold nothing)."""
-    exceptions: dict[int, int | list[Fragment]] = field(default_factory=dict)
+    exceptions: dict[int, int | list[FragmentRecord]] = field(default_factory=dict)
     """Shards that differ: their own shift, or their fragments as they are."""
 
 
-def describe_rank(fragments: list[list[Fragment]], template: list[list[Fragment]]) -> RankLayout:
+def describe_rank(
+    fragments: list[list[FragmentRecord]], template: list[list[FragmentRecord]]
+) -> RankLayout:
     """This rank's layout relative to ``template`` (the first rank's fragments): the shift most
     of its shards follow, and the shards that do not."""
     if len(fragments) != len(template):
@@ -75,7 +77,7 @@ def describe_rank(fragments: list[list[Fragment]], template: list[list[Fragment]
     shifts = [_shift_of(own, t) for own, t in zip(fragments, template)]
     common = Counter(k for k in shifts if k is not None).most_common(1)
     shift = common[0][0] if common else None
-    exceptions: dict[int, int | list[Fragment]] = {}
+    exceptions: dict[int, int | list[FragmentRecord]] = {}
     for i, (own, k) in enumerate(zip(fragments, shifts)):
         follows = own == shifted(template[i], shift) if shift is not None else not own
         if not follows:
@@ -104,7 +106,7 @@ class SavePlan:
 
 
 def plan_save(
-    template: list[list[Fragment]],
+    template: list[list[FragmentRecord]],
     layouts: list[RankLayout],
     empty: list[tuple[str, tuple[int, ...]]] = (),
 ) -> SavePlan:
@@ -119,7 +121,7 @@ def plan_save(
         WriteDecision(layout.shift is not None and owners[layout.shift] == rank, {})
         for rank, layout in enumerate(layouts)
     ]
-    differing: dict[int, dict[int, int | list[Fragment]]] = defaultdict(dict)
+    differing: dict[int, dict[int, int | list[FragmentRecord]]] = defaultdict(dict)
     for rank, layout in enumerate(layouts):
         for shard, own in layout.exceptions.items():
             differing[shard][rank] = own
@@ -167,7 +169,7 @@ def plan_save(
 def _owners_of_shard(
     owners: dict[int, int],
     by_shift: dict[int, list[int]],
-    differing: dict[int, int | list[Fragment]],
+    differing: dict[int, int | list[FragmentRecord]],
 ) -> tuple[dict[int, int], dict[int, bool]]:
     """The writer of each shift of one template shard, given the ranks whose copy of that shard
     differs from their shift (``differing``: its own shift, or its fragments); and the ranks
@@ -204,12 +206,12 @@ def _series(owners: dict[int, int]) -> list[tuple[int, int, int, int]]:
     return [tuple(s) for s in out]
 
 
-def _key(fragments: list[Fragment]) -> tuple:
+def _key(fragments: list[FragmentRecord]) -> tuple:
     return tuple((param, start, numel) for param, _, start, numel, _ in fragments)
 
 
 def shard_writes(
-    layout: RankLayout, decision: WriteDecision, fragments: list[list[Fragment]]
+    layout: RankLayout, decision: WriteDecision, fragments: list[list[FragmentRecord]]
 ) -> list[bool]:
     """Which of its shards (holding ``fragments``) a rank writes, from its layout and the first
     rank's decision; a shard holding nothing is never written."""

@@ -73,6 +73,13 @@ def layouts() -> dict:
         return dict(zip(CASES, pool.map(lambda case: _simulated(*case), CASES)))
 
 
+def _plan_for_every_rank(template: list, buffers: list[bool], world: int):
+    """Rank 0's plan when every rank r of ``world`` describes itself as the sampled ranks do:
+    shift r, buffers (whole on every rank) as shift 0."""
+    exceptions = {i: 0 for i, buffer in enumerate(buffers) if buffer}
+    return plan_save(template, [RankLayout(r, exceptions if r else {}) for r in range(world)])
+
+
 def test_each_rank_sends_one_shift_and_the_index_does_not_grow(layouts: dict) -> None:
     sizes = {}
     for model, world in (("llama3-70b", 64), ("llama3-70b", 1024), ("mixtral-8x22b", 1024)):
@@ -89,9 +96,7 @@ def test_each_rank_sends_one_shift_and_the_index_does_not_grow(layouts: dict) ->
                 rank,
                 described.exceptions,
             )
-        exceptions = {i: 0 for i, buffer in enumerate(buffers) if buffer}
-        ranks = [RankLayout(r, exceptions if r else {}) for r in range(world)]
-        plan = plan_save(template, ranks)
+        plan = _plan_for_every_rank(template, buffers, world)
         params = len({f[0] for shard in template for f in shard})
         assert len(plan.params) == params
         series = sum(len(p["runs"]) for p in plan.params)
@@ -113,8 +118,7 @@ def test_resuming_ranks_plan_their_copies_from_the_series(layouts: dict, model: 
     """Same world: rank r reads its own file, offsets unchanged. Llama from 1024 to 512 ranks:
     each element comes from the file torch.chunk's arithmetic puts it in."""
     template, buffers = layouts[model, 1024, 0]
-    exceptions = {i: 0 for i, buffer in enumerate(buffers) if buffer}
-    plan = plan_save(template, [RankLayout(r, exceptions if r else {}) for r in range(1024)])
+    plan = _plan_for_every_rank(template, buffers, 1024)
     saved = SavedRuns.from_index(json.loads(json.dumps(plan.params)), 1024, "index")
     for rank in (0, 1023):
         own, _ = layouts[model, 1024, rank]
