@@ -27,6 +27,7 @@ $(BASE): pyproject.toml $(CONSTRAINTS)
 
 $(DEMO): $(BASE)
 	$(PY) -m pip install -q -e ".[demo]"
+	-$(VENV)/bin/pma-dist build-kernel
 	@touch $@
 
 $(DEV): $(BASE)
@@ -34,6 +35,7 @@ $(DEV): $(BASE)
 	@# DeepSpeed builds from source against the torch above: no build isolation.
 	@$(PY) -c "import deepspeed" 2>/dev/null || \
 		DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.19,<0.20"
+	-$(VENV)/bin/pma-dist build-kernel
 	@touch $@ $(DEMO)
 
 lint: $(DEV)

@@ -89,6 +89,20 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_kernel(args: argparse.Namespace) -> int:
+    import logging
+
+    from . import cpu_kernels
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = cpu_kernels.built()
+    if path is None:
+        print("CPU copy kernel: not built; CPU snapshots use the blocked check", file=sys.stderr)
+        return 1
+    print(f"CPU copy kernel: {path}")
+    return 0
+
+
 def _window(value: str) -> str:
     if value != "running" and not (value.isdigit() and int(value) > 0):
         raise argparse.ArgumentTypeError(f"{value!r}: a positive integer or 'running'")
@@ -151,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     planner.add_argument("--json", action="store_true", help="print the figures as JSON")
     planner.set_defaults(run=_plan)
+    kernel = commands.add_parser(
+        "build-kernel",
+        help="build the CPU snapshot kernel ahead of a run (otherwise built at first use)",
+    )
+    kernel.set_defaults(run=_build_kernel)
     return parser
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import triton_kernels
+from . import cpu_kernels, triton_kernels
 from .offload import chunks
 
 Tensors = Sequence[torch.Tensor]
@@ -46,14 +46,20 @@ def copy_checked(dst: Tensors, src: Tensors) -> torch.Tensor:
     """``dst[i].copy_(src[i])`` for tensors on one device, and a 0-dim float flag on that device:
     1.0 when every copied element is finite. No host sync.
 
-    One pass over memory: the copy runs in blocks (views) and each block is summed right after
-    it is written, while it is still in cache (see :func:`all_finite` for why a sum decides).
-    On a GPU, tensors of 1 MiB and more are copied and summed by one Triton kernel
-    (:mod:`pma_dist.triton_kernels`), the rest in ``_foreach`` batches that fit in L2.
+    One pass over memory. On the CPU a compiled kernel tests each element as it copies it
+    (:mod:`pma_dist.cpu_kernels`); without it, and for dtype pairs it lacks, the copy runs in
+    blocks (views) and each block is summed right after it is written, while it is still in
+    cache (see :func:`all_finite` for why a sum decides). On a GPU, tensors of 1 MiB and more
+    are copied and summed by one Triton kernel (:mod:`pma_dist.triton_kernels`), the rest in
+    ``_foreach`` batches that fit in L2.
     """
     sums: list[torch.Tensor] = []
+    finite = True
     if dst and dst[0].device.type == "cpu":
         for out, live in zip(dst, src):
+            if cpu_kernels.suits(out, live):
+                finite = cpu_kernels.copy_finite(out, live) and finite
+                continue
             flat_out, flat_live = out.view(-1), live.view(-1)
             for part in chunks(out.numel(), CPU_BLOCK_NUMEL):
                 block = flat_out[part]
@@ -70,9 +76,10 @@ def copy_checked(dst: Tensors, src: Tensors) -> torch.Tensor:
         for outs, lives in _batches(dst, src, DEVICE_BATCH_BYTES):
             torch._foreach_copy_(outs, lives)
             sums.extend(torch._foreach_norm(outs, 1, dtype=torch.float32))
+    flag = torch.full((), float(finite), device=dst[0].device if dst else "cpu")
     if not sums:
-        return torch.ones((), device=dst[0].device if dst else "cpu")
-    return torch.isfinite(torch.stack(sums).sum()).float()
+        return flag
+    return flag * torch.isfinite(torch.stack(sums).sum()).float()
 
 
 def _without(tensors: Tensors, indices: list[int]) -> list[torch.Tensor]:

@@ -2,6 +2,14 @@ import pytest
 import torch
 
 
+def pytest_sessionstart(session):
+    """Build the CPU snapshot kernel once, before any test starts ranks that would otherwise
+    build it inside their deadlines (a no-op once built; without a compiler, one warning)."""
+    from pma_dist import cpu_kernels
+
+    cpu_kernels.built()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
