@@ -29,7 +29,7 @@ from .kernels import (
     Tensors,
     copy_group,
     device_groups,
-    lerp_group,
+    fold_group,
     real_views,
     weighted_sum,
 )
@@ -137,6 +137,13 @@ class AveragingState:
         seqs = [r.seq for r in records if r is not None]
         self.next_seq = max(seqs) + 1 if seqs else count
 
+    def reject(self, seq: int) -> tuple[SlotRecord, Tensors | None] | None:
+        """Leave snapshot ``seq``, found non-finite on some rank, out of the state."""
+        raise NotImplementedError
+
+    def settle(self) -> None:
+        """Every verdict taken so far has been agreed (and the bad ones rejected)."""
+
     def merge_into(self, out: Tensors, weights: Sequence[float]) -> None:
         """Write the weighted sum of the valid slots (oldest first) into ``out``.
 
@@ -218,14 +225,15 @@ class WindowAverage(AveragingState):
         self.count += 1
         return finite
 
-    def reject(self, seq: int) -> int | None:
+    def reject(self, seq: int) -> tuple[SlotRecord, Tensors | None] | None:
         """Leave snapshot ``seq`` out of every merge and of the count (found non-finite after
-        it was written); its slot is reused first. That slot, or None if none holds it."""
+        it was written); its slot is reused first. Its record and that slot's tensors, or None
+        if no slot holds it."""
         for k, record in enumerate(self.records):
             if record is not None and record.seq == seq and record.valid:
                 self.drop([k])
                 self.count -= 1
-                return k
+                return record, self.slots[k]
         return None
 
     def drop(self, slots: Sequence[int]) -> None:
@@ -244,7 +252,14 @@ class WindowAverage(AveragingState):
 
 
 class RunningAverage(AveragingState):
-    """One slot folded with a lerp per snapshot: cumulative SMA/WMA or EMA."""
+    """One slot folded with a lerp per snapshot: cumulative SMA/WMA or EMA.
+
+    A snapshot is folded in only where the ranks' agreed verdict on it says finite (a NaN
+    folded in cannot be taken out), and the verdict is not read by the host: the number of
+    snapshots folded, which sets the next weight, is kept beside the slot. ``count`` and the
+    record count every snapshot taken until the verdicts are settled (:meth:`reject`,
+    :meth:`settle`), as in window mode.
+    """
 
     mode = "running"
 
@@ -252,6 +267,11 @@ class RunningAverage(AveragingState):
         super().__init__(like, 1, **kwargs)
         self.method = method
         self.alpha = alpha
+        device = self.slots[0][0].device if like else torch.device("cpu")
+        self.folded = torch.zeros((), dtype=torch.int64, device=device)
+        """Snapshots folded into the slot, kept beside it (0-dim)."""
+        self._settled: SlotRecord | None = None
+        self._unsettled: list[SlotRecord] = []
 
     def weights(
         self,
@@ -272,19 +292,45 @@ class RunningAverage(AveragingState):
     def next_slot(self) -> int:
         return 0
 
-    def snapshot(self, tensors: Tensors, step: int = 0, tokens: int = 0) -> None:
+    def snapshot(
+        self, tensors: Tensors, step: int = 0, tokens: int = 0, verdict: torch.Tensor | None = None
+    ) -> None:
+        """Fold ``tensors`` in, unless ``verdict`` (a 0-dim flag every rank agreed on, left on
+        the device) is 0; the slot is then unchanged."""
         self._check(tensors)
-        weight = running_weight(self.method, self.count + 1, self.alpha)
-        if weight == 1.0:
-            self._copy_into(self.slots[0], tensors)
-            self.wait_host()
-        else:
-            slot, live = self.real(self.slots[0]), self.real(tensors)
-            for group in self._real_groups:
-                lerp_group([slot[i] for i in group], [live[i] for i in group], weight)
+        ok = None if verdict is None else verdict.to(self.folded.device)
+        weight = running_weight(self.method, self.folded.double() + 1, self.alpha)
+        slot, live = self.real(self.slots[0]), self.real(tensors)
+        for group in self._real_groups:
+            fold_group([slot[i] for i in group], [live[i] for i in group], weight, ok)
+        self.folded += 1 if ok is None else ok.to(torch.int64)
         self.records[0] = SlotRecord(self.next_seq, step, tokens)
+        self._unsettled.append(self.records[0])
         self.next_seq += 1
         self.count += 1
+        if verdict is None:
+            self.settle()
+
+    def reject(self, seq: int) -> tuple[SlotRecord, Tensors | None] | None:
+        """Take snapshot ``seq`` (not folded in: its verdict was 0) out of the count and the
+        record. Its record (and None: no slot holds it), or None if it awaits no verdict."""
+        for k, record in enumerate(self._unsettled):
+            if record.seq == seq:
+                del self._unsettled[k]
+                self.count -= 1
+                self.records[0] = self._unsettled[-1] if self._unsettled else self._settled
+                return record, None
+        return None
+
+    def settle(self) -> None:
+        """Every verdict so far is known: the record now is the last snapshot folded in."""
+        self._settled = self.records[0]
+        self._unsettled = []
+
+    def restore(self, count: int, records: Sequence[SlotRecord | None]) -> None:
+        super().restore(count, records)
+        self.folded.fill_(count)
+        self.settle()
 
 
 def state_for(config: PMAConfig, like: Tensors, runs: Sequence[Runs]) -> AveragingState:

@@ -47,11 +47,15 @@ def collective_device(group: dist.ProcessGroup, hint: torch.device) -> torch.dev
     return torch.device(accelerator.type, torch.accelerator.current_device_index())
 
 
-def all_true(flag: bool | torch.Tensor, group: dist.ProcessGroup | None = None) -> bool:
-    """True when ``flag`` (a bool, or a 0-dim tensor left where it was computed) is true on
-    every rank: one scalar all-reduce."""
-    value = flag if isinstance(flag, torch.Tensor) else torch.tensor(float(flag))
-    return all_true_each(value.reshape(1), group)[0]
+def all_true_on_device(flag: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """``flag`` (a 0-dim 1.0/0.0 tensor) as 1.0 when it is 1.0 on every rank, else 0.0: one
+    scalar all-reduce, queued on the device; the result stays there (no host sync)."""
+    group = group if group is not None else default_group()
+    value = flag.float().reshape(1)
+    if group is not None:
+        value = value.to(collective_device(group, value.device))
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+    return value.to(flag.device).reshape(())  # a blocking copy if it crosses to the host
 
 
 def all_true_each(flags: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[bool]:

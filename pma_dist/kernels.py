@@ -209,6 +209,40 @@ def lerp_group(dst: list[torch.Tensor], src: list[torch.Tensor], weight: float) 
     torch._foreach_lerp_(dst, src, weight)
 
 
+def folds_on_host(dst: Tensors, src: Tensors) -> bool:
+    """Whether :func:`fold_group` reads the verdict on the host: for slots on the CPU (where
+    reading it costs nothing) and for slots in host memory staged through the device (whose
+    copies back wait for the device anyway)."""
+    return dst[0].device.type == "cpu" or dst[0].device != src[0].device
+
+
+def fold_group(
+    dst: list[torch.Tensor], src: list[torch.Tensor], weight: torch.Tensor, ok: torch.Tensor | None
+) -> None:
+    """``dst[i].lerp_(src[i], weight)`` where the 0-dim flag ``ok`` is 1 (or is None), and
+    ``dst`` left as it is where it is 0: a NaN in ``src`` is never multiplied in. ``weight``
+    and ``ok`` are tensors beside the slots; on an accelerator they are never read by the host
+    (see :func:`guarded_lerp`)."""
+    if folds_on_host(dst, src):
+        if ok is None or bool(ok):
+            lerp_group(dst, src, float(weight))
+        return
+    guarded_lerp(dst, src, weight, ok)
+
+
+def guarded_lerp(dst: Tensors, src: Tensors, weight: torch.Tensor, ok: torch.Tensor | None) -> None:
+    """:func:`fold_group` with no host sync, for tensors on one device: per batch of
+    :data:`DEVICE_BATCH_BYTES` (it stays in L2), the lerp's end is ``where(ok, src, dst)``,
+    so a rejected snapshot moves ``dst`` by ``weight * (dst - dst) = 0``, exactly."""
+    weight = weight.to(dst[0].device, dst[0].dtype)
+    keep = None if ok is None else ok.to(dst[0].device).bool()
+    for outs, lives in _batches(dst, src, DEVICE_BATCH_BYTES):
+        ends = [live.to(out.dtype) for out, live in zip(outs, lives)]
+        if keep is not None:
+            ends = [torch.where(keep, end, out) for out, end in zip(outs, ends)]
+        torch._foreach_lerp_(outs, ends, [weight] * len(outs))
+
+
 def lerp_staged(dst: list[torch.Tensor], src: list[torch.Tensor], weight: float) -> None:
     """``dst[i].lerp_(src[i], weight)`` with ``dst`` in host memory, through device chunks."""
     for slot, live in zip(dst, src):

@@ -20,6 +20,10 @@ from .optimizers import unwrap_optimizer
 from .readouts import Readouts
 from .schedule import SnapshotSchedule
 
+RUNNING_VERDICTS_HELD = 10
+"""Running snapshots whose agreed verdicts wait on the device before the host reads them (and
+counts, skips or raises on them): the host syncs once per this many snapshots at most."""
+
 
 class Merger(Readouts, Checkpointing):
     """Keeps the pre-trained model average of this rank's shard, online and in place.
@@ -28,7 +32,8 @@ class Merger(Readouts, Checkpointing):
     snapshot is due. A window snapshot copies the local shard into an fp32 slot in one pass
     over memory that also judges it finite, with no collective and no host sync; ranks agree
     on those verdicts when the slots are read and once a window (:meth:`agree`). A running
-    snapshot is one lerp after a scalar all-reduce (a NaN folded in could not be taken out).
+    snapshot is one lerp guarded on the device by the ranks' verdict (a scalar all-reduce; a
+    NaN folded in could not be taken out), read by the host at the same agreements.
     Persistent floating buffers are averaged with the parameters (``pma.average_buffers``).
 
     The object is a DCP ``Stateful``: pass it in the state dict given to
@@ -126,25 +131,25 @@ class Merger(Readouts, Checkpointing):
         self._pending_tokens = (self._pending_tokens or 0) + tokens
 
     def snapshot(self) -> bool:
-        """Take a snapshot now, whatever the schedule. False if it was skipped (running mode,
-        non-finite); in window mode a non-finite one is left out at the next :meth:`agree`.
-        Collective in running mode, and in window mode once a window."""
+        """Take a snapshot now, whatever the schedule (True). One found non-finite on some rank
+        is left out, and counted, at the next :meth:`agree`: within a window of snapshots
+        (running mode: :data:`RUNNING_VERDICTS_HELD`). Running mode makes one scalar
+        all-reduce per snapshot (no host sync); both modes agree once a window."""
         if self._swap_active:
             raise RuntimeError("Merger.snapshot() inside swapped(): the live weights are merged")
         shards = [s.local for s in self.backend.shards()]
         steps, tokens = self.schedule.steps_seen, self.schedule.tokens_seen
+        seq = self._state.next_seq
         if isinstance(self._state, WindowAverage):
-            seq = self._state.next_seq
-            finite = self._state.snapshot(shards, steps, tokens, check=self._guard.checking)
-            self._guard.hold(seq, finite)
-            if len(self._guard.pending) >= self._state.window:
-                self.agree()
-        elif self._guard.admit(
-            self._state.real(shards), self.backend, f"step {steps}, {tokens} tokens"
-        ):
-            self._state.snapshot(shards, steps, tokens)
+            verdict = self._state.snapshot(shards, steps, tokens, check=self._guard.checking)
+            held = self._state.window
         else:
-            return False
+            verdict = self._guard.judge(self._state.real(shards))
+            self._state.snapshot(shards, steps, tokens, verdict)
+            held = RUNNING_VERDICTS_HELD
+        self._guard.hold(seq, verdict)
+        if len(self._guard.pending) >= held:
+            self.agree()
         if not self._step_hooked:
             self._state.wait_host()
         return True

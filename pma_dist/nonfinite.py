@@ -5,7 +5,9 @@ Window snapshots are judged late: each rank's verdict on the slot it just wrote 
 device (:meth:`NonFiniteGuard.hold`), and the ranks agree on all verdicts held in one small
 collective (:meth:`NonFiniteGuard.agree`) when the slots are about to be read (merge, swap,
 export, save) and at least once a window. Running snapshots are judged before they are folded
-in, since a NaN folded into a running average cannot be taken out again.
+in, since a NaN folded into a running average cannot be taken out again: the ranks' verdict is
+agreed by a scalar all-reduce and the fold is guarded by it on the device
+(:meth:`NonFiniteGuard.judge`); the host learns it at the next agreement, as in window mode.
 """
 
 from __future__ import annotations
@@ -43,25 +45,23 @@ class NonFiniteGuard:
         """Whether snapshots are checked at all (``on_nonfinite`` is not ``"ignore"``)."""
         return self.config.on_nonfinite != "ignore"
 
-    def admit(self, live: Tensors, backend: Backend, where: str) -> bool:
-        """True when ``live`` (this rank's real elements) is finite on every rank; False when
-        the snapshot is to be skipped; raises when the policy or the streak says so.
-        Collective unless ``on_nonfinite = "ignore"``."""
-        if not self.checking or comm.all_true(all_finite(live), self.group):
-            self.streak = 0
-            return True
-        self._refuse(where, [s.local for s in backend.shards()], backend)
-        return False
+    def judge(self, live: Tensors) -> torch.Tensor | None:
+        """This running snapshot's verdict, agreed by every rank and left on the device: one
+        scalar all-reduce, no host sync (None when not checking). Settled by :meth:`agree`."""
+        if not self.checking:
+            return None
+        return comm.all_true_on_device(all_finite(live), self.group)
 
     def hold(self, seq: int, flag: torch.Tensor | None) -> None:
-        """Keep this rank's verdict on window snapshot ``seq`` for the next :meth:`agree`."""
+        """Keep a verdict on snapshot ``seq`` (this rank's, or already agreed) for the next
+        :meth:`agree`."""
         if flag is not None:
             self.pending.append((seq, flag))
 
     def agree(self, state: AveragingState, backend: Backend) -> None:
         """Make every rank agree on the snapshots held: one small all-reduce (nothing when none
         is held, as on every rank alike). A snapshot non-finite on any rank is rejected from
-        ``state`` on every rank (all of them, before raising as :meth:`admit` does)."""
+        ``state`` on every rank (all of them, before raising as the policy says)."""
         if not self.pending:
             return
         seqs = [seq for seq, _ in self.pending]
@@ -72,21 +72,23 @@ class NonFiniteGuard:
             if finite:
                 self.streak = 0
                 continue
-            slot = state.reject(seq)
-            if slot is None:
+            rejected = state.reject(seq)
+            if rejected is None:
                 continue
-            record = state.records[slot]
+            record, held = rejected
             try:
                 where = f"step {record.step}, {record.tokens} tokens"
-                self._refuse(where, state.slots[slot], backend)
+                self._refuse(where, held, backend)
             except NonFiniteSnapshotError as err:
                 error = error or err
+        state.settle()
         if error is not None:
             raise error
 
-    def _refuse(self, where: str, tensors: Tensors, backend: Backend) -> None:
+    def _refuse(self, where: str, tensors: Tensors | None, backend: Backend) -> None:
         """Count a non-finite snapshot, or raise when the policy or the streak says so; the
-        error names the tensors of ``tensors`` (shaped like the shard) that hold NaN/Inf."""
+        error names the tensors of ``tensors`` (shaped like the shard; the live shards when no
+        slot holds the snapshot) that hold NaN/Inf."""
         limit = self.config.max_consecutive_skips
         if self.config.on_nonfinite == "raise":
             reason = "pma.on_nonfinite = 'raise'"
@@ -101,6 +103,8 @@ class NonFiniteGuard:
             log.warning("PMA snapshot at %s left out: NaN/Inf on at least one rank", where)
             return
         # Every rank is here (the verdict is agreed): naming the culprits costs only failing runs.
+        if tensors is None:
+            tensors = [s.local for s in backend.shards()]
         culprits = comm.gather_objects(nonfinite_names(backend, tensors), group=self.group)
         named = "; ".join(
             f"rank {rank}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from .config import DECAY_METHODS, METHODS
 
@@ -51,16 +52,17 @@ def window_weights(method: str, n: int, alpha: float = 0.2) -> list[float]:
     raise ValueError(f"method={method!r}: must be one of {', '.join(METHODS)}")
 
 
-def running_weight(method: str, k: int, alpha: float = 0.2) -> float:
-    """The lerp weight that folds snapshot ``k`` (1-based) into a running average."""
-    if k == 1:
-        return 1.0
+def running_weight(method: str, k: Any, alpha: float = 0.2) -> Any:
+    """The lerp weight that folds snapshot ``k`` (1-based) into a running average: 1 for the
+    first, whatever the method. Branch-free, so that ``k`` may also be an integer tensor on a
+    device (the count kept there, read by no host sync): the weight is then a tensor beside it.
+    """
     if method == "sma":
         return 1.0 / k
     if method == "wma":
         return 2.0 / (k + 1)
     if method == "ema":
-        return float(alpha)
+        return float(alpha) ** (k > 1)
     raise ValueError(f"method={method!r}: must be one of sma, wma, ema")
 
 

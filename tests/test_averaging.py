@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from pma_dist.averaging import RunningAverage, WindowAverage
 from pma_dist.kernels import all_finite
 from pma_dist.testing import assert_close_rel, merge_reference, window_reference
 from pma_dist.weights import window_weights
+from tests.support.probes import accelerator_fold
 
 ALPHA = 0.3
 SHAPES = [(5, 3), (7,), (0, 4), (2, 2, 2)]
@@ -63,6 +66,33 @@ def test_running_closed_forms(method: str) -> None:
         expected = _running_closed_form(method, c)
         for t in _merged(state, [1.0]):
             assert torch.allclose(t, torch.full_like(t, expected), rtol=1e-6, atol=0), (method, c)
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-read verdict", "device"])
+@pytest.mark.parametrize("method", ["sma", "wma", "ema"])
+def test_running_folds_only_snapshots_agreed_finite(method: str, on_device: bool) -> None:
+    """Snapshots 1..c with every third one rejected (NaN or Inf in it, verdict 0): the slot
+    equals the closed form over the accepted ones alone, bf16 live weights too, whether the
+    host reads the verdict (CPU) or the lerp is guarded on the device; rejected ones are taken
+    out of the count and the record at the agreement."""
+    state = RunningAverage(_like(torch.bfloat16), method, ALPHA)
+    accepted = 0
+    with accelerator_fold() if on_device else contextlib.nullcontext():
+        for c in range(1, 25):
+            live = _constant(float(accepted + 1), torch.bfloat16)
+            bad = c % 3 == 0
+            if bad:
+                live[0].view(-1)[c % 5] = float("nan") if c % 2 else float("inf")
+            state.snapshot(live, step=c, verdict=torch.tensor(0.0 if bad else 1.0))
+            if bad:
+                assert state.reject(state.next_seq - 1) is not None
+            else:
+                accepted += 1
+            state.settle()
+            assert state.count == accepted and state.records[0].step == c - bad * (c > 1)
+            expected = _running_closed_form(method, accepted)
+            for t in _merged(state, [1.0]):
+                assert torch.allclose(t, torch.full_like(t, expected), rtol=1e-6, atol=0), c
 
 
 def test_window_order_after_wrap_matches_reference_on_random_data() -> None:

@@ -152,3 +152,41 @@ def test_device_slots_are_copied_and_checked_by_the_triton_kernel(monkeypatch) -
     merger.snapshot()
     merger.agree()
     assert merger.num_snapshots == 1 and merger.num_skipped == 1
+
+
+@pytest.mark.parametrize("method", ["sma", "ema"])
+def test_running_snapshots_on_the_device_fold_without_a_host_sync(method: str) -> None:
+    """Running snapshots into device slots: no host sync (the verdict guards the lerp on the
+    device), a NaN snapshot folds nothing in, and the slot equals the float64 running average
+    of the accepted snapshots once the host learns the verdicts."""
+    from pma_dist.weights import running_weight
+    from tests.support.probes import counted_calls
+
+    model = make_model().cuda()
+    merger = Merger(model, None, PMAConfig(method=method, window=None, interval_steps=1))
+    reference = None
+    accepted = 0
+    with counted_calls() as calls:
+        for step in range(5):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01 * (step + 1))
+                if step == 2:
+                    next(model.parameters()).view(-1)[0] = float("nan")
+            merger.snapshot()
+            if step != 2:
+                accepted += 1
+                weight = running_weight(method, accepted, merger.config.ema_alpha)
+                live = {k: v.double() for k, v in full_state(model).items()}
+                reference = (
+                    live
+                    if reference is None
+                    else {k: reference[k] + weight * (live[k] - reference[k]) for k in live}
+                )
+            else:
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = 0.0
+    assert dict(calls) == {}, dict(calls)
+    merger.agree()
+    assert (merger.num_snapshots, merger.num_skipped) == (4, 1)
+    assert_close_rel(merger.merged_shards(), reference, 1e-6, f"running {method}")

@@ -6,9 +6,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pma_dist import Merger, NonFiniteSnapshotError, PMAConfig, PMAStateError
+from pma_dist.merger import RUNNING_VERDICTS_HELD
 from pma_dist.testing import assert_bitwise_equal, assert_close_rel, run_ranks, window_reference
 from tests.support.models import batch, full_state, make_model, shard_fsdp2, train_step
-from tests.support.probes import counted_calls, judged_snapshot
+from tests.support.probes import accelerator_fold, counted_calls, judged_snapshot
 
 BAD_RANK = 1
 
@@ -63,11 +64,14 @@ def _worker(rank: int, world_size: int) -> dict:
     skip = Merger(fsdp, fsdp_opt, PMAConfig(window=2, interval_steps=1, max_consecutive_skips=None))
     strict = Merger(fsdp, fsdp_opt, PMAConfig(window=None, interval_steps=1, on_nonfinite="raise"))
     streak = Merger(fsdp, fsdp_opt, PMAConfig(window=2, interval_steps=1, max_consecutive_skips=2))
+    running = Merger(
+        fsdp, fsdp_opt, PMAConfig(window=None, interval_steps=1, max_consecutive_skips=None)
+    )
     for step in range(3):
         train_step(fsdp, fsdp_opt, step, rank, world_size)
-        assert skip.step() and strict.step() and streak.step()
+        assert skip.step() and strict.step() and streak.step() and running.snapshot()
     last_good = [p.to_local().detach().clone() for p in fsdp.parameters()]
-    before = _local_slots(strict)
+    before = {"strict": _local_slots(strict), "running": _local_slots(running)}
     for value in (float("nan"), float("inf"), float("-inf")):
         undo = _poison(fsdp, value) if rank == BAD_RANK else None
         if undo is not None:
@@ -78,15 +82,22 @@ def _worker(rank: int, world_size: int) -> dict:
         except NonFiniteSnapshotError as err:
             out["streak"].append(str(err))
         try:
-            strict.snapshot()
-            out["strict"].append("accepted")
+            with accelerator_fold():
+                out["strict"].append(judged_snapshot(strict))
         except NonFiniteSnapshotError as err:
             out["strict"].append(str(err))
+        out.setdefault("running", []).append(judged_snapshot(running))
         if undo is not None:
             with torch.no_grad():
                 undo[0].fill_(undo[1])
-    out["counts"] = (skip.num_snapshots, skip.num_skipped, strict.num_snapshots)
-    out["slots_unchanged"] = all(torch.equal(a, b) for a, b in zip(_local_slots(strict), before))
+    out["counts"] = (
+        skip.num_snapshots, skip.num_skipped, strict.num_snapshots, running.num_snapshots,
+        running.num_skipped,
+    )  # fmt: skip
+    out["slots_unchanged"] = {
+        name: all(torch.equal(a, b) for a, b in zip(_local_slots(merger), before[name]))
+        for name, merger in (("strict", strict), ("running", running))
+    }
     # Window mode wrote the bad snapshots over the oldest good one and left them out: the merge
     # is the one good snapshot left, until the next snapshots refill the window.
     out["window_after"] = (skip.window_size, skip.history)
@@ -98,6 +109,7 @@ def _worker(rank: int, world_size: int) -> dict:
         judged_snapshot(skip),
         judged_snapshot(strict),
         judged_snapshot(streak),
+        judged_snapshot(running),
     )
     out["streak_after"] = streak.skip_streak
     out["costs"] = _snapshot_costs(fsdp, fsdp_opt)
@@ -105,9 +117,17 @@ def _worker(rank: int, world_size: int) -> dict:
 
 
 def _snapshot_costs(model, optimizer) -> dict[str, dict]:
-    """Collectives and host syncs made by window snapshots, the agreement and merges."""
+    """Collectives and host syncs made by window snapshots, the agreement and merges; by
+    running snapshots on the accelerator's path, and their agreement."""
     merger = Merger(model, optimizer, PMAConfig(window=3, interval_steps=1))
     costs = {}
+    running = Merger(model, optimizer, PMAConfig(window=None, interval_steps=1))
+    with accelerator_fold():
+        with counted_calls() as costs["running snapshots"]:
+            for _ in range(RUNNING_VERDICTS_HELD - 1):
+                running.snapshot()
+        with counted_calls() as costs["running snapshot, agreed"]:
+            running.snapshot()
     with counted_calls() as costs["two snapshots"]:
         merger.snapshot()
         merger.snapshot()
@@ -131,11 +151,12 @@ def test_ddp_parity_and_rank_agreed_nonfinite_skip() -> None:
     for r in (r0, r1):
         assert "replicas differ: ranks 0 and 1" in r["diverged"]
         assert r["taken"] == [False, False, False]
-        assert r["counts"] == (3, 3, 3)
-        assert r["slots_unchanged"], "running mode folds nothing non-finite in"
+        assert r["running"] == [False, False, False]
+        assert r["counts"] == (3, 3, 3, 3, 3)
+        assert r["slots_unchanged"] == {"strict": True, "running": True}, "nothing NaN folded"
         assert r["window_after"] == (1, [(3, 0)]), r["window_after"]
         assert r["merge_is_last_good"]
-        assert r["accepted_after"] == (True, True, True)
+        assert r["accepted_after"] == (True, True, True, True)
         assert len(r["strict"]) == 3 and all("NaN/Inf" in s for s in r["strict"]), r["strict"]
         assert r["streak"][0] is False, "the first non-finite snapshot is skipped"
         for message in r["streak"][1:]:
@@ -149,3 +170,6 @@ def test_ddp_parity_and_rank_agreed_nonfinite_skip() -> None:
         assert costs["third snapshot"] == agreement, "a window of verdicts is agreed at once"
         assert costs["merge, none pending"] == {}
         assert costs["merge, one pending"] == agreement
+        held = RUNNING_VERDICTS_HELD - 1
+        assert costs["running snapshots"] == {"all_reduce": held}, "one all-reduce, no sync"
+        assert costs["running snapshot, agreed"] == {"all_reduce": 2, "tolist": 1}

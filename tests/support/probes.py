@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from pma_dist import Merger
+from pma_dist import Merger, kernels
 
 COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
@@ -63,3 +63,16 @@ def counted_calls(*extra: tuple[object, str], sizes: bool = False) -> Iterator[C
     finally:
         for owner, name, original in reversed(originals):
             setattr(owner, name, original)
+
+
+@contextmanager
+def accelerator_fold() -> Iterator[None]:
+    """Inside the block, running-mode folds of CPU tensors take the accelerator's path (the
+    agreed verdict guards the lerp on the device and the host never reads it) instead of the
+    CPU's (where reading the verdict costs nothing)."""
+    original = kernels.folds_on_host
+    kernels.folds_on_host = lambda dst, src: False
+    try:
+        yield
+    finally:
+        kernels.folds_on_host = original
