@@ -35,11 +35,14 @@ def _compiler_present() -> bool:
     return bool(shutil.which(os.environ.get("CXX", "c++")) and shutil.which("ninja"))
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def kernel_built() -> None:
     if not _compiler_present():
         pytest.skip("no C++ compiler or ninja: the kernel cannot be built here")
     assert cpu_kernels.built() is not None, "a compiler is present but the kernel did not build"
+
+
+needs_kernel = pytest.mark.usefixtures("kernel_built")
 
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -61,13 +64,15 @@ def _special_values(dtype: torch.dtype) -> tuple[list[float], list[torch.Tensor]
     return finite, nans
 
 
+@needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("slot_dtype, live_dtype", PAIRS)
 def test_copies_bit_for_bit_and_finds_exactly_the_nonfinite(slot_dtype, live_dtype, threads):
     """Every size (empty, one element, either side of the parallel grain) into a view of a
     NaN-filled buffer: the slot equals torch's ``copy_`` bit for bit, nothing outside it is
     written, and the verdict equals ``torch.isfinite(...).all()`` for finite extremes
-    (largest, subnormal, signed zero) and for NaN/Inf at the first, a grain edge and the last."""
+    (largest, subnormal, signed zero) and for NaN/Inf at the first, a grain edge, the middle
+    (where two threads split the work) and the last."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -83,7 +88,7 @@ def test_copies_bit_for_bit_and_finds_exactly_the_nonfinite(slot_dtype, live_dty
             expected = torch.empty_like(out).copy_(live)
             assert torch.equal(_bits(out), _bits(expected)), f"{numel}: differs from copy_"
             assert backing[:13].isnan().all() and backing[13 + numel :].isnan().all()
-            for where in {0, min(GRAIN, numel - 1), numel - 1} if numel else ():
+            for where in {0, min(GRAIN, numel - 1), numel // 2, numel - 1} if numel else ():
                 for bad in nonfinite:
                     poisoned = live.clone()
                     poisoned[where] = bad
@@ -95,6 +100,7 @@ def test_copies_bit_for_bit_and_finds_exactly_the_nonfinite(slot_dtype, live_dty
         torch.set_num_threads(before)
 
 
+@needs_kernel
 def test_refuses_pairs_it_does_not_handle():
     """Narrowing copies, integers, strided views and unequal sizes are not the kernel's: it
     says so (naming the dtypes) instead of writing anything."""
@@ -112,6 +118,7 @@ def test_refuses_pairs_it_does_not_handle():
     assert torch.equal(slot, torch.zeros(8)), "a refused copy wrote nothing"
 
 
+@needs_kernel
 def test_copy_checked_mixes_kernel_and_blocked_copies():
     """A group of same-dtype tensors (the kernel's) and fp16 ones widened into fp32 slots (the
     blocked path's): the copies equal ``copy_`` and the flag equals ``isfinite`` of everything
@@ -131,6 +138,7 @@ def test_copy_checked_mixes_kernel_and_blocked_copies():
     assert float(copy_checked([torch.empty(2)], [huge])) == 1.0
 
 
+@needs_kernel
 def test_window_snapshot_on_cpu_copies_through_the_kernel():
     """The default window snapshot of a CPU model (fp32 and bf16 weights into fp32 slots)
     copies every tensor through the kernel, once, with no collective and no host sync."""
