@@ -11,18 +11,23 @@ It serves snapshots of weights that live on the CPU: DeepSpeed's fp32 master wei
 It is built on first use with ``torch.utils.cpp_extension`` (as DeepSpeed builds its CPU Adam;
 about 10 s, needs a C++ compiler and ninja) into ``$TORCH_EXTENSIONS_DIR/pma_dist``, under a
 name that hashes the source and the torch version, and imported from there by later processes
-without a build step. ``pma-dist build-kernel`` builds it ahead of a run. When it cannot be
-built, a warning says why once and the blocked path does the work.
+without a build step. Builds hold an ``flock`` (released if the builder dies), so a rank
+killed mid-build leaves no lock behind that would stall the next run. ``pma-dist build-kernel``
+builds it ahead of a run. When it cannot be built, a warning says why once and the blocked path
+does the work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -34,6 +39,8 @@ SOURCE = Path(__file__).with_name("csrc") / "copy_finite.cpp"
 FLAGS = ("-O3", "-fopenmp")
 enabled = True
 """Set False to keep every CPU copy on the blocked path (benchmarks compare the two)."""
+BUILD_WAIT_S = 600.0
+"""Longest wait for another process's build of the kernel before falling back."""
 
 _KERNELS = {
     (torch.float64, torch.float64): "float64",
@@ -103,22 +110,26 @@ def _module() -> ModuleType | None:
         name = module_name()
         directory = build_directory() / name
         built = directory / f"{name}.so"
-        if built.is_file():
-            try:
-                return _import(name, built)
-            except ImportError:
-                pass  # torn or stale: rebuilt below, under torch's build lock
+        module = _import_built(name, built)
+        if module is not None:
+            return module
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
-        log.info("pma_dist: building the CPU copy kernel once, in %s", directory)
-        return cpp_extension.load(
-            name,
-            [str(SOURCE)],
-            extra_cflags=list(FLAGS),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-        )
+        with _build_lock(directory):
+            module = _import_built(name, built)  # built by another process while this waited
+            if module is not None:
+                return module
+            built.unlink(missing_ok=True)  # torn by a build that was killed: linked anew
+            (directory / "lock").unlink(missing_ok=True)  # torch's own lock: stale under ours
+            log.info("pma_dist: building the CPU copy kernel once, in %s", directory)
+            return cpp_extension.load(
+                name,
+                [str(SOURCE)],
+                extra_cflags=list(FLAGS),
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(directory),
+            )
     except Exception as err:  # noqa: BLE001 - any build failure falls back to torch's kernels
         log.warning(
             "pma_dist: the CPU copy kernel could not be built in %s (%s); CPU snapshots "
@@ -127,6 +138,45 @@ def _module() -> ModuleType | None:
             _reason(err),
         )
         return None
+
+
+def _import_built(name: str, path: Path) -> ModuleType | None:
+    """The module built at ``path``, or None when there is none or it does not load."""
+    if not path.is_file():
+        return None
+    try:
+        return _import(name, path)
+    except ImportError:
+        return None
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path, wait_s: float = BUILD_WAIT_S) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` for a build. The system releases it when
+    its holder dies, unlike torch's lock file, which a process killed mid-build leaves behind
+    for every later build to wait on forever; under this lock that file can only be stale.
+    Raises ``TimeoutError`` after ``wait_s`` (the caller then falls back)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock file alone
+        yield
+        return
+    with open(directory / "pma_dist_build.lock", "a") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another process has held the build lock of {directory} for {wait_s:.0f} s"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _reason(err: Exception) -> str:

@@ -233,14 +233,21 @@ def fold_group(
 def guarded_lerp(dst: Tensors, src: Tensors, weight: torch.Tensor, ok: torch.Tensor | None) -> None:
     """:func:`fold_group` with no host sync, for tensors on one device: per batch of
     :data:`DEVICE_BATCH_BYTES` (it stays in L2), the lerp's end is ``where(ok, src, dst)``,
-    so a rejected snapshot moves ``dst`` by ``weight * (dst - dst) = 0``, exactly."""
-    weight = weight.to(dst[0].device, dst[0].dtype)
+    so a rejected snapshot moves ``dst`` by ``weight * (dst - dst) = 0``, exactly. Slots of
+    16-bit floats are lerped in float32 and rounded once, as torch's lerp with a host weight
+    does (a weight rounded to 16 bits would bias every fold)."""
+    narrow = dst[0].element_size() < 4
+    work = torch.float32 if narrow else dst[0].dtype
+    weight = weight.to(dst[0].device, work)
     keep = None if ok is None else ok.to(dst[0].device).bool()
     for outs, lives in _batches(dst, src, DEVICE_BATCH_BYTES):
         ends = [live.to(out.dtype) for out, live in zip(outs, lives)]
         if keep is not None:
             ends = [torch.where(keep, end, out) for out, end in zip(outs, ends)]
-        torch._foreach_lerp_(outs, ends, [weight] * len(outs))
+        acc = [out.to(work) for out in outs] if narrow else outs
+        torch._foreach_lerp_(acc, [end.to(work) for end in ends], [weight] * len(outs))
+        if narrow:
+            torch._foreach_copy_(outs, acc)
 
 
 def lerp_staged(dst: list[torch.Tensor], src: list[torch.Tensor], weight: float) -> None:

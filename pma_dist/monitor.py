@@ -130,6 +130,7 @@ class MergeMonitor:
         """Rank the candidate merges now, log them, and export the best if it beats the best
         so far. Collective. None if no snapshot is held or no candidate fits yet."""
         self.evaluated_at = self.snapshots_taken
+        self.merger.agree()
         held = self.merger.window_size
         grid = self.config.candidates or default_candidates(max(held, 1))
         candidates = [c for c in grid if c.fits(held)]

@@ -95,6 +95,21 @@ def test_running_folds_only_snapshots_agreed_finite(method: str, on_device: bool
                 assert torch.allclose(t, torch.full_like(t, expected), rtol=1e-6, atol=0), c
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_running_16_bit_slots_fold_alike_on_host_and_device(dtype: torch.dtype) -> None:
+    """Slots of 16-bit floats (``pma.dtype``): the device's guarded lerp gives the same bits
+    as the host's lerp, which computes in float32 with the weight unrounded."""
+    torch.manual_seed(3)
+    states = [RunningAverage(_like(), "sma", dtype=dtype) for _ in range(2)]
+    for _ in range(9):
+        live = [torch.randn(s) for s in SHAPES]
+        states[0].snapshot(live, verdict=torch.tensor(1.0))
+        with accelerator_fold():
+            states[1].snapshot(live, verdict=torch.tensor(1.0))
+    for host, device in zip(states[0].slots[0], states[1].slots[0]):
+        assert host.dtype == dtype and torch.equal(host, device)
+
+
 def test_window_order_after_wrap_matches_reference_on_random_data() -> None:
     torch.manual_seed(0)
     window, snapshots = 3, []

@@ -179,3 +179,29 @@ def test_without_a_compiler_snapshots_fall_back_after_one_warning(tmp_path):
     assert done.returncode == 0 and "fallback ok" in done.stdout, done.stderr[-3000:]
     warnings = [line for line in done.stderr.splitlines() if "could not be built" in line]
     assert len(warnings) == 1 and "no-such-compiler" in warnings[0], done.stderr[-3000:]
+
+
+@needs_kernel
+def test_a_build_killed_midway_does_not_stall_the_next(tmp_path):
+    """A rank killed while building leaves torch's lock file and a torn module behind; the next
+    process builds anyway (under an flock, which the system releases with its holder) instead
+    of waiting on that lock file forever, and its copies are right."""
+    name = cpu_kernels.module_name()
+    left = tmp_path / "pma_dist" / name
+    left.mkdir(parents=True)
+    (left / "lock").write_text("")
+    (left / f"{name}.so").write_bytes(b"\x7fELF torn by a kill")
+    code = (
+        "import torch\n"
+        "from pma_dist import cpu_kernels\n"
+        "assert cpu_kernels.built() is not None, 'not built'\n"
+        "x = torch.randn(1000); out = torch.empty_like(x)\n"
+        "assert cpu_kernels.copy_finite(out, x) and torch.equal(out, x)\n"
+        "print('rebuilt ok')\n"
+    )
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": path}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0 and "rebuilt ok" in done.stdout, done.stderr[-3000:]

@@ -139,6 +139,7 @@ class PMACallback(TrainerCallback):
         if self.merger is None:
             return
         if self.export_dir is not None:
+            self.merger.agree()  # counts as of every verdict, so "none usable" is told apart
             if self.merger.num_snapshots:
                 options = {"tokenizer": kwargs.get("processing_class"), **self.export_options}
                 self.merger.export(self.export_dir, **options)

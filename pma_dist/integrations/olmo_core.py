@@ -118,6 +118,7 @@ class PMACallback(Callback):
         ``swap_options`` pick another merge (:meth:`~pma_dist.Merger.swapped`)."""
         merger = self._require()
         path = str(join_path(self.trainer.save_folder, f"step{step}-{self.output_suffix}"))
+        merger.agree()
         if merger.num_snapshots == 0:
             log.warning("PMACallback: no snapshot yet at step %d, nothing merged", step)
             return path
