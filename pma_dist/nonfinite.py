@@ -103,7 +103,8 @@ class NonFiniteGuard:
             log.warning("PMA snapshot at %s left out: NaN/Inf on at least one rank", where)
             return
         # Every rank is here (the verdict is agreed): naming the culprits costs only failing runs.
-        if tensors is None:
+        live = tensors is None
+        if live:
             tensors = [s.local for s in backend.shards()]
         culprits = comm.gather_objects(nonfinite_names(backend, tensors), group=self.group)
         named = "; ".join(
@@ -111,6 +112,12 @@ class NonFiniteGuard:
             for rank, names in enumerate(culprits)
             if names
         )
+        if live:
+            named = (
+                f"NaN/Inf in the live weights now: {named}"
+                if named
+                else "the live weights hold no NaN/Inf any more, so the tensors cannot be named"
+            )
         raise NonFiniteSnapshotError(f"PMA snapshot at {where} holds NaN/Inf ({reason}); {named}")
 
 

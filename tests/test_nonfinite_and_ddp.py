@@ -158,6 +158,8 @@ def test_ddp_parity_and_rank_agreed_nonfinite_skip() -> None:
         assert r["merge_is_last_good"]
         assert r["accepted_after"] == (True, True, True, True)
         assert len(r["strict"]) == 3 and all("NaN/Inf" in s for s in r["strict"]), r["strict"]
+        named = f"NaN/Inf in the live weights now: rank {BAD_RANK}: {r1['poisoned']}"
+        assert all(named in s for s in r["strict"]), r["strict"]
         assert r["streak"][0] is False, "the first non-finite snapshot is skipped"
         for message in r["streak"][1:]:
             assert "2 snapshots in a row" in message and "max_consecutive_skips = 2" in message
