@@ -62,7 +62,7 @@ def running_weight(method: str, k: Any, alpha: float = 0.2) -> Any:
     if method == "wma":
         return 2.0 / (k + 1)
     if method == "ema":
-        return float(alpha) ** (k > 1)
+        return float(alpha) ** ((k > 1) + 0 * k)  # the exponent 0 or 1 in k's dtype
     raise ValueError(f"method={method!r}: must be one of sma, wma, ema")
 
 

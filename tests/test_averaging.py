@@ -95,6 +95,19 @@ def test_running_folds_only_snapshots_agreed_finite(method: str, on_device: bool
                 assert torch.allclose(t, torch.full_like(t, expected), rtol=1e-6, atol=0), c
 
 
+@pytest.mark.parametrize("method", ["sma", "wma", "ema"])
+def test_running_float64_slots_keep_float64_weights_on_the_device(method: str) -> None:
+    """With float64 slots the device's weights (1/k, 2/(k+1), alpha) are float64 too: the
+    closed forms hold to 1e-12 (alpha rounded to float32 would miss by 1e-8)."""
+    state = RunningAverage(_like(torch.float64), method, ALPHA, dtype=torch.float64)
+    with accelerator_fold():
+        for c in range(1, 30):
+            state.snapshot(_constant(float(c), torch.float64), verdict=torch.tensor(1.0))
+            expected = _running_closed_form(method, c)
+            for t in state.slots[0]:
+                assert torch.allclose(t, torch.full_like(t, expected), rtol=1e-12, atol=0), c
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_running_16_bit_slots_fold_alike_on_host_and_device(dtype: torch.dtype) -> None:
     """Slots of 16-bit floats (``pma.dtype``): the device's guarded lerp gives the same bits

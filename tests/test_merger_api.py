@@ -188,6 +188,42 @@ def test_window_snapshots_are_judged_late_and_left_out_of_merges() -> None:
     assert merger.num_skipped == 5, "the 4th pending verdict makes the ranks agree"
 
 
+def test_running_state_saved_with_verdicts_pending_is_settled_and_resumes() -> None:
+    """A running Merger saved while a NaN snapshot's verdict is still pending: the save agrees
+    first (the NaN one counted as skipped, the record the last good one), the loaded Merger has
+    the same counts and history, and its next fold weighs by the snapshots folded (the SMA of
+    the three good snapshots, against float64)."""
+    config = PMAConfig(window=None, interval_steps=1, max_consecutive_skips=None)
+    model = make_model()
+    merger = Merger(model, None, config)
+    good = []
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1)
+        if step == 1:
+            _poisoned(model, float("nan"))
+        else:
+            good.append(full_state(model))
+        merger.step()
+        if step == 1:
+            _poisoned(model, 0.0)
+    assert (merger.num_snapshots, merger.num_skipped) == (3, 0), "verdicts still pending"
+    state = merger.state_dict()
+    assert (merger.num_snapshots, merger.num_skipped, merger.history) == (2, 1, [(3, 0)])
+    resumed_model = make_model()
+    resumed = Merger(resumed_model, None, config)
+    resumed.load_state_dict(state)
+    assert (resumed.num_snapshots, resumed.num_skipped, resumed.history) == (2, 1, [(3, 0)])
+    with torch.no_grad():
+        for p, live in zip(resumed_model.parameters(), model.parameters()):
+            p.copy_(live + 0.1)
+    good.append(full_state(resumed_model))
+    resumed.snapshot()
+    expected = {k: sum(g[k].double() for g in good) / 3 for k in good[0]}
+    assert_close_rel(resumed.merged_shards(), expected, 1e-6, "running SMA after resume")
+
+
 def test_close_removes_the_hooks_it_installed() -> None:
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
