@@ -159,7 +159,6 @@ def test_running_snapshots_on_the_device_fold_without_a_host_sync(method: str) -
     """Running snapshots into device slots: no host sync (the verdict guards the lerp on the
     device), a NaN snapshot folds nothing in, and the slot equals the float64 running average
     of the accepted snapshots once the host learns the verdicts."""
-    from pma_dist.weights import running_weight
     from tests.support.probes import counted_calls
 
     model = make_model().cuda()
@@ -176,7 +175,8 @@ def test_running_snapshots_on_the_device_fold_without_a_host_sync(method: str) -
             merger.snapshot()
             if step != 2:
                 accepted += 1
-                weight = running_weight(method, accepted, merger.config.ema_alpha)
+                alpha = merger.config.ema_alpha
+                weight = 1 / accepted if method == "sma" else (alpha if accepted > 1 else 1.0)
                 live = {k: v.double() for k, v in full_state(model).items()}
                 reference = (
                     live
