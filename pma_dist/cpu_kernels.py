@@ -109,18 +109,18 @@ def _module() -> ModuleType | None:
     try:
         name = module_name()
         directory = build_directory() / name
-        built = directory / f"{name}.so"
-        module = _import_built(name, built)
+        library = directory / f"{name}.so"
+        module = _import_built(name, library)
         if module is not None:
             return module
         from torch.utils import cpp_extension
 
         directory.mkdir(parents=True, exist_ok=True)
         with _build_lock(directory):
-            module = _import_built(name, built)  # built by another process while this waited
+            module = _import_built(name, library)  # built by another process while this waited
             if module is not None:
                 return module
-            built.unlink(missing_ok=True)  # torn by a build that was killed: linked anew
+            library.unlink(missing_ok=True)  # torn by a build that was killed: linked anew
             (directory / "lock").unlink(missing_ok=True)  # torch's own lock: stale under ours
             log.info("pma_dist: building the CPU copy kernel once, in %s", directory)
             return cpp_extension.load(
@@ -142,12 +142,15 @@ def _module() -> ModuleType | None:
 
 def _import_built(name: str, path: Path) -> ModuleType | None:
     """The module built at ``path``, or None when there is none or it does not load."""
-    if not path.is_file():
+    spec = importlib.util.spec_from_file_location(name, path) if path.is_file() else None
+    if spec is None or spec.loader is None:
         return None
     try:
-        return _import(name, path)
+        module = importlib.util.module_from_spec(spec)  # loads the library
+        spec.loader.exec_module(module)
     except ImportError:
         return None
+    return module
 
 
 @contextlib.contextmanager
@@ -186,12 +189,3 @@ def _reason(err: Exception) -> str:
         if any(word in line.lower() for word in ("error", "not found", "no such")):
             return line
     return lines[-1] if lines else type(err).__name__
-
-
-def _import(name: str, path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"{path} is not an extension module")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -76,10 +76,12 @@ def copy_checked(dst: Tensors, src: Tensors) -> torch.Tensor:
         for outs, lives in _batches(dst, src, DEVICE_BATCH_BYTES):
             torch._foreach_copy_(outs, lives)
             sums.extend(torch._foreach_norm(outs, 1, dtype=torch.float32))
-    flag = torch.full((), float(finite), device=dst[0].device if dst else "cpu")
+    device = dst[0].device if dst else "cpu"
+    if not finite:
+        return torch.zeros((), device=device)
     if not sums:
-        return flag
-    return flag * torch.isfinite(torch.stack(sums).sum()).float()
+        return torch.ones((), device=device)
+    return torch.isfinite(torch.stack(sums).sum()).float()
 
 
 def _without(tensors: Tensors, indices: list[int]) -> list[torch.Tensor]:

@@ -54,8 +54,8 @@ def window_weights(method: str, n: int, alpha: float = 0.2) -> list[float]:
 
 def running_weight(method: str, k: Any, alpha: float = 0.2) -> Any:
     """The lerp weight that folds snapshot ``k`` (1-based) into a running average: 1 for the
-    first, whatever the method. Branch-free, so that ``k`` may also be an integer tensor on a
-    device (the count kept there, read by no host sync): the weight is then a tensor beside it.
+    first, whatever the method. Branch-free, so that ``k`` may also be a tensor on a device
+    (the count kept there, read by no host sync): the weight is then a tensor of its dtype.
     """
     if method == "sma":
         return 1.0 / k

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +14,9 @@ from torch import nn
 
 from pma_dist import Merger, PMAConfig, cpu_kernels
 from pma_dist.kernels import copy_checked
+from tests.support.cli import run_python
 from tests.support.probes import counted_calls
 
-ROOT = Path(__file__).resolve().parents[1]
 GRAIN = 1 << 16
 PAIRS = [
     (torch.float32, torch.float32),
@@ -45,16 +42,18 @@ def kernel_built() -> None:
 needs_kernel = pytest.mark.usefixtures("kernel_built")
 
 
+INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
-    return tensor.contiguous().view(width)
+    return tensor.contiguous().view(INT_OF_SIZE[tensor.element_size()])
 
 
 def _special_values(dtype: torch.dtype) -> tuple[list[float], list[torch.Tensor]]:
     """Finite extremes, and non-finite values including NaNs of other payloads and signs."""
     info = torch.finfo(dtype)
     finite = [info.max, -info.max, info.tiny, info.tiny / 4, -0.0, 0.0]
-    width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[info.bits // 8]
+    width = INT_OF_SIZE[info.bits // 8]
     exponent = {16: 0x7C00 if dtype == torch.float16 else 0x7F80, 32: 0x7F800000}.get(
         info.bits, 0x7FF0000000000000
     )
@@ -166,15 +165,10 @@ def test_without_a_compiler_snapshots_fall_back_after_one_warning(tmp_path):
         "assert not cpu_kernels.suits(out, x)\n"
         "print('fallback ok')\n"
     )
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {
-        **os.environ,
-        "CXX": str(tmp_path / "no-such-compiler"),
-        "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
-        "PYTHONPATH": path,
-    }
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    done = run_python(
+        code,
+        CXX=str(tmp_path / "no-such-compiler"),
+        TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"),
     )
     assert done.returncode == 0 and "fallback ok" in done.stdout, done.stderr[-3000:]
     warnings = [line for line in done.stderr.splitlines() if "could not be built" in line]
@@ -199,9 +193,5 @@ def test_a_build_killed_midway_does_not_stall_the_next(tmp_path):
         "assert cpu_kernels.copy_finite(out, x) and torch.equal(out, x)\n"
         "print('rebuilt ok')\n"
     )
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": path}
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240
-    )
+    done = run_python(code, timeout=240, TORCH_EXTENSIONS_DIR=str(tmp_path))
     assert done.returncode == 0 and "rebuilt ok" in done.stdout, done.stderr[-3000:]

@@ -4,17 +4,12 @@ kernel source a GPU compiles, checked against torch's own ``copy_`` and a float6
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from tests.support.cli import run_python
 
-ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("triton")
 
 
 def _cases() -> None:
@@ -51,10 +46,5 @@ def test_kernel_copies_exactly_and_sums_what_it_wrote() -> None:
     """Sizes not divisible by the block, widening copies (bf16 and fp16 live weights into
     fp32/fp64 slots), a view into a NaN-filled buffer (nothing outside it written), NaN/Inf at
     the first, a block-edge and the last element all behave."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    code = "from tests.test_triton_kernel import _cases; _cases()"
-    done = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
-    )
+    done = run_python("from tests.test_triton_kernel import _cases; _cases()", TRITON_INTERPRET="1")
     assert done.returncode == 0 and "kernel cases passed" in done.stdout, done.stderr[-3000:]
