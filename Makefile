@@ -42,7 +42,7 @@ lint: $(DEV)
 	$(PY) -m ruff check pma_dist tests benchmarks launch
 	$(PY) -m ruff format --check pma_dist tests benchmarks launch
 
-# Test ranks run with uninitialized memory filled with NaN (pma_dist/testing/ranks.py).
+# Test ranks run with uninitialized memory filled with NaN (pma_dist/testing/_ranks.py).
 test: lint
 	PMA_TEST_FILL_UNINITIALIZED=1 DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu} \
 		$(PY) -m pytest -q -m "not gpu"

@@ -81,7 +81,7 @@ def worker(millions: float) -> None:
     dist.all_gather_object(rows, row)
     if dist.get_rank() == 0:
         print(json.dumps({"rows": rows}))
-    dist.barrier()  # ranks leave together (README, "Exit")
+    dist.barrier()  # ranks leave together (docs/semantics.md, "Exit")
     dist.destroy_process_group()
 
 

@@ -3,7 +3,7 @@
     python -m benchmarks.scale_plan [--worlds 64,512,1024] [--window 10] [--out plan.json]
 
 One rank (rank 0, which FSDP2's row chunking gives the most) of each world size, simulated on
-PyTorch's fake process group with the model on the meta device (see :mod:`pma_dist.plan`).
+PyTorch's fake process group with the model on the meta device (see :mod:`pma_dist.tools`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 
 from benchmarks.common import machine, write_json
-from pma_dist.plan import SHIPPED, plan
+from pma_dist.tools import SHIPPED, plan
 
 GB = 1e9
 

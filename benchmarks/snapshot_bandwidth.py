@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from benchmarks.common import interleaved_medians, machine, write_json
-from pma_dist import Merger, PMAConfig, cpu_kernels, triton_kernels
+from pma_dist import Merger, PMAConfig
+from pma_dist.kernels import unfused
 
 TENSOR_SIZES = [4096 * 4096, 4096 * 1024, 1024 * 1024, 4096, 4096]
 
@@ -99,11 +100,8 @@ def bench_size(millions: int, device: torch.device, repeats: int, window: int) -
 def _unfused(snapshot) -> None:
     """``snapshot()`` with the checked copy on torch's kernels (copy, then sum) instead of the
     one-pass CPU or Triton kernel."""
-    cpu_kernels.enabled = triton_kernels.enabled = False
-    try:
+    with unfused():
         snapshot()
-    finally:
-        cpu_kernels.enabled = triton_kernels.enabled = True
 
 
 def table(rows: list[dict]) -> str:

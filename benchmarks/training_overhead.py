@@ -85,7 +85,7 @@ def worker(args) -> None:
             "snapshots_taken": trainer.merger.num_snapshots - 5,
         }
         print(json.dumps(row))
-    dist.barrier()  # ranks leave together (README, "Exit")
+    dist.barrier()  # ranks leave together (docs/semantics.md, "Exit")
     dist.destroy_process_group()
 
 

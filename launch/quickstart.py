@@ -141,7 +141,7 @@ def main() -> None:
                     f"train {loss.item():.4f}  "
                     f"held-out: live {live:.4f}  PMA[{merger.window_size} snapshots] {pma}"
                 )
-    dist.barrier()  # ranks leave together (README, "Exit")
+    dist.barrier()  # ranks leave together (docs/semantics.md, "Exit")
     dist.destroy_process_group()
 
 

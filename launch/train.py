@@ -59,8 +59,8 @@ def main() -> None:
         dist.destroy_process_group()
         raise
     # Ranks leave together: none tears down while rank 0 still writes the report. Then the
-    # group is destroyed while everything it uses is alive (README, "Exit"): a group left to
-    # interpreter teardown can abort the process after training finished.
+    # group is destroyed while everything it uses is alive (docs/semantics.md, "Exit"): a group
+    # left to interpreter teardown can abort the process after training finished.
     dist.barrier()
     dist.destroy_process_group()
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import numbers
 import warnings
 from collections.abc import Mapping
@@ -16,16 +15,17 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ._parsing import is_int, parse_count, strict_int
+
 RUNNING_METHODS = ("sma", "wma", "ema")
 """Methods a running average can fold with."""
 DECAY_METHODS = ("linear", "cosine", "minus_sqrt")
-"""Decay-shaped merges (window mode only): see :func:`pma_dist.weights.decay_weights`."""
+"""Decay-shaped merges (window mode only): see :func:`pma_dist.core.decay_weights`."""
 METHODS = RUNNING_METHODS + DECAY_METHODS
 OFFLOAD = ("none", "cpu")
 ON_NONFINITE = ("skip", "raise", "ignore")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 _LOW_PRECISION = ("bfloat16", "float16")
-_TOKEN_SUFFIXES = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
 class PMAConfigError(ValueError):
@@ -145,21 +145,21 @@ class PMAConfig:
         )
         check(
             "window",
-            self.window is None or _is_int(self.window) and self.window >= 1,
+            self.window is None or is_int(self.window) and self.window >= 1,
             "must be a positive integer (N snapshots) or null for running mode",
         )
         for key in ("interval_tokens", "interval_steps", "tokens_per_step"):
             value = getattr(self, key)
             if value is None:
                 continue
-            parsed = _parse_count(value) if key != "interval_steps" else _strict_int(value)
+            parsed = parse_count(value) if key != "interval_steps" else strict_int(value)
             if parsed is None or parsed < 1:
                 check(key, False, "must be a positive integer or null")
             else:
                 setattr(self, key, parsed)
         for key in ("start_tokens", "start_step"):
             value = getattr(self, key)
-            parsed = _parse_count(value) if key == "start_tokens" else _strict_int(value)
+            parsed = parse_count(value) if key == "start_tokens" else strict_int(value)
             if parsed is None or parsed < 0:
                 check(key, False, "must be a non-negative integer")
             else:
@@ -185,7 +185,7 @@ class PMAConfig:
         check(
             "max_consecutive_skips",
             self.max_consecutive_skips is None
-            or _is_int(self.max_consecutive_skips)
+            or is_int(self.max_consecutive_skips)
             and self.max_consecutive_skips >= 1,
             "must be a positive integer or null (never raise)",
         )
@@ -203,12 +203,12 @@ class PMAConfig:
         return self
 
     def _check_default_merge(self, check) -> None:
-        check("stride", _is_int(self.stride) and self.stride >= 1, "must be an integer >= 1")
-        if self.last is not None and not (_is_int(self.last) and self.last >= 1):
+        check("stride", is_int(self.stride) and self.stride >= 1, "must be an integer >= 1")
+        if self.last is not None and not (is_int(self.last) and self.last >= 1):
             check("last", False, "must be an integer >= 1, or null (every snapshot held)")
         elif self.running and (self.last is not None or self.stride != 1):
             check("last" if self.last is not None else "stride", False, "needs window mode")
-        elif self.last is not None and _is_int(self.stride) and _is_int(self.window):
+        elif self.last is not None and is_int(self.stride) and is_int(self.window):
             span = (self.last - 1) * self.stride + 1
             check(
                 "last",
@@ -243,6 +243,23 @@ class PMAConfig:
         return cls(**dict(values))
 
     @classmethod
+    def coerce(cls, value: Any, *, owner: str = "config") -> PMAConfig:
+        """``value`` as a config: itself when it is one, else built from a mapping of settings
+        (a YAML section, a DeepSpeed ``"pma"`` section, a trainer's keyword arguments) by
+        :meth:`from_dict`. Anything else is refused naming ``owner`` and what is allowed."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        example = "PMAConfig(method='sma', window=10, interval_tokens=4_000_000_000)"
+        if value is None:
+            raise PMAConfigError(f"{owner}: config is required, e.g. {example}")
+        raise PMAConfigError(
+            f"{owner}: config = {value!r} ({type(value).__name__}) must be a PMAConfig or a "
+            f"mapping of its settings, e.g. {example}"
+        )
+
+    @classmethod
     def from_yaml(cls, path: str | Path) -> PMAConfig:
         """Read a YAML file holding the settings, either at top level or under a ``pma:`` key."""
         import yaml
@@ -265,33 +282,3 @@ class PMAConfig:
             return None
         config = cls.from_dict(section)
         return config if config.enabled else None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _strict_int(value: Any) -> int | None:
-    if _is_int(value):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
-def _parse_count(value: Any) -> int | None:
-    """Parse a token count: an int, an integral float, or a string like ``"4B"`` or ``"4e9"``."""
-    if isinstance(value, str):
-        text = value.strip().lower().replace("_", "")
-        scale = 1
-        if text and text[-1] in _TOKEN_SUFFIXES:
-            scale = _TOKEN_SUFFIXES[text[-1]]
-            text = text[:-1]
-        try:
-            number = float(text) * scale
-        except ValueError:
-            return None
-        if not math.isfinite(number) or not number.is_integer():
-            return None
-        return int(number)
-    return _strict_int(value)

@@ -5,9 +5,9 @@ import torch
 def pytest_sessionstart(session):
     """Build the CPU snapshot kernel once, before any test starts ranks that would otherwise
     build it inside their deadlines (a no-op once built; without a compiler, one warning)."""
-    from pma_dist import cpu_kernels
+    from pma_dist.kernels import build_cpu_kernel
 
-    cpu_kernels.built()
+    build_cpu_kernel()
 
 
 def pytest_collection_modifyitems(config, items):

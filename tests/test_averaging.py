@@ -7,10 +7,9 @@ import contextlib
 import pytest
 import torch
 
-from pma_dist.averaging import RunningAverage, WindowAverage
+from pma_dist.core import RunningAverage, WindowAverage, window_weights
 from pma_dist.kernels import all_finite
 from pma_dist.testing import assert_close_rel, merge_reference, window_reference
-from pma_dist.weights import window_weights
 from tests.support.probes import accelerator_fold
 
 ALPHA = 0.3

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from pma_dist import Merger, PMAConfig, cpu_kernels
+from pma_dist import Merger, PMAConfig
+from pma_dist.kernels import _cpu as cpu_kernels
 from pma_dist.kernels import copy_checked
 from tests.support.cli import run_python
 from tests.support.probes import counted_calls
@@ -157,7 +158,7 @@ def test_without_a_compiler_snapshots_fall_back_after_one_warning(tmp_path):
     code = (
         "import torch\n"
         "from pma_dist.kernels import copy_checked\n"
-        "from pma_dist import cpu_kernels\n"
+        "from pma_dist.kernels import _cpu as cpu_kernels\n"
         "x = torch.randn(100000); out = torch.empty_like(x)\n"
         "assert float(copy_checked([out], [x])) == 1.0 and torch.equal(out, x)\n"
         "x[-1] = float('inf')\n"
@@ -187,7 +188,7 @@ def test_a_build_killed_midway_does_not_stall_the_next(tmp_path):
     (left / f"{name}.so").write_bytes(b"\x7fELF torn by a kill")
     code = (
         "import torch\n"
-        "from pma_dist import cpu_kernels\n"
+        "from pma_dist.kernels import _cpu as cpu_kernels\n"
         "assert cpu_kernels.built() is not None, 'not built'\n"
         "x = torch.randn(1000); out = torch.empty_like(x)\n"
         "assert cpu_kernels.copy_finite(out, x) and torch.equal(out, x)\n"

@@ -20,7 +20,7 @@ from pma_dist import PMAConfigError, PMAStateError  # noqa: E402
 from pma_dist.testing import (  # noqa: E402
     assert_bitwise_equal,
     assert_close_rel,
-    run_ranks,  # noqa: E402
+    run_ranks,
     window_reference,
 )
 from tests.support.deepspeed_runs import (  # noqa: E402
@@ -211,7 +211,7 @@ def test_moe_expert_parallel_every_global_expert_once(world_size: int) -> None:
 
 
 def test_unsupported_deepspeed_versions_fail_at_initialize(monkeypatch) -> None:
-    from pma_dist.backends.deepspeed import check_version
+    from pma_dist.backends import check_deepspeed_version as check_version
     from pma_dist.deepspeed import initialize
 
     check_version(deepspeed.__version__)
@@ -418,8 +418,8 @@ def test_tokens_from_micro_batches_and_apply_under_zero3() -> None:
 
 
 def _detach_worker(rank: int, world_size: int, root: str) -> dict:
+    from pma_dist.backends import unwrap_optimizer
     from pma_dist.deepspeed import detach
-    from pma_dist.optimizers import unwrap_optimizer
 
     engine = make_engine(2, world_size, {"window": 2, "interval_steps": 1, "offload": "cpu"})
     inner = unwrap_optimizer(engine.optimizer)

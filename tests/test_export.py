@@ -31,7 +31,7 @@ def _export_worker(rank: int, world_size: int, root: str, kind: str, replicas: i
     else:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from pma_dist.sharding import fully_shard_blocks
+        from pma_dist.tools import fully_shard_blocks
 
         model = make_hf_model(kind, seed=0)
         shape, names = (replicas, world_size // replicas), ("replicate", "shard")

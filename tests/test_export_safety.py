@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from pma_dist import Merger, PMAConfig
-from pma_dist.export import ExportError, export_model, verify_export
-from pma_dist.export.manifest import MANIFEST
+from pma_dist.export import MANIFEST, ExportError, export_model, verify_export
 from pma_dist.testing import run_rank_outcomes
 from tests.support.cli import run_cli
 from tests.support.hf_models import hf_train_step, make_hf_model, shard_hf_fsdp2
@@ -38,7 +37,7 @@ def _kill_mid_export_worker(rank: int, world_size: int, root: str) -> str:
     hf_train_step(model, optimizer, 1, rank, world_size)
     merger.step()
     if rank == 1:
-        from pma_dist.export import hf
+        from pma_dist.export import _hf_writer as hf
 
         write = hf.HFWriter._write
 
@@ -130,7 +129,7 @@ def test_bad_targets_are_refused_and_nothing_is_overwritten(tmp_path: Path) -> N
 
 
 def test_write_failure_midway_keeps_the_previous_export(tmp_path: Path, monkeypatch) -> None:
-    from pma_dist.export import hf
+    from pma_dist.export import _hf_writer as hf
 
     model, good = _first_export(tmp_path)
     with torch.no_grad():
@@ -162,7 +161,8 @@ def test_files_are_flushed_before_the_manifest_and_a_failed_flush_fails(
     """Each file's fsync overlaps the writing of the next: the manifest must still wait for
     all of them, and an error at fsync (EIO, a quota on a network file system) fails the
     export like one at write."""
-    from pma_dist.export import atomic, hf
+    from pma_dist.export import _atomic as atomic
+    from pma_dist.export import _hf_writer as hf
 
     model, good = _first_export(tmp_path)
     flushed: list[str] = []

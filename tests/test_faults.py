@@ -63,7 +63,8 @@ def _worker(rank: int, world_size: int, root: str, fault: str | None, resume: bo
 
 def _arm(fault: str) -> None:
     """Make this rank die by SIGKILL in the middle of the next snapshot or checkpoint."""
-    from pma_dist import averaging, merger
+    from pma_dist.core import _averages as averaging
+    from pma_dist.merger import _merger as merger
 
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -158,7 +159,7 @@ def test_truncated_corrupted_or_incomplete_state_files_are_refused(tmp_path: Pat
 def test_a_save_interrupted_before_its_index_leaves_the_previous_one(
     tmp_path: Path, monkeypatch
 ) -> None:
-    from pma_dist import indexed_state
+    from pma_dist.state import _indexed as indexed_state
 
     merger, directory = _saved(tmp_path)
     before = merger.merged_shards()

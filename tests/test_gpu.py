@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pma_dist import Merger, PMAConfig
-from pma_dist.offload import STAGING_NUMEL
+from pma_dist.kernels import STAGING_NUMEL
 from pma_dist.testing import (
     assert_bitwise_equal,
     assert_close_rel,
@@ -128,7 +128,7 @@ def test_device_slots_are_copied_and_checked_by_the_triton_kernel(monkeypatch) -
     """Window snapshots into GPU slots: tensors of MIN_NUMEL and more go through the fused
     copy-and-sum kernel (the small ones through foreach batches), the slots hold the live
     weights bitwise, and a NaN in a large tensor is left out of the window at agreement."""
-    from pma_dist import triton_kernels
+    from pma_dist.kernels import _triton as triton_kernels
 
     launched = []
     copy_sum = triton_kernels.copy_sum

@@ -96,7 +96,7 @@ def _reference_weights(method: str, k: int, alpha: float = 0.2) -> list[float]:
 
 
 def test_select_ranks_candidates_on_held_out_loss() -> None:
-    from pma_dist.selection import Candidate
+    from pma_dist import MergeSpec
 
     model, merger, snapshots = _run()
     target = {n: sum(s[n] for s in snapshots[2:]) / 4 for n in snapshots[0]}
@@ -110,7 +110,7 @@ def test_select_ranks_candidates_on_held_out_loss() -> None:
     live = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = merger.select(evaluate)
     assert all(torch.equal(p, live[n]) for n, p in model.named_parameters()), "restored"
-    assert result.best == Candidate("sma", 4, 1), result.table()
+    assert result.best == MergeSpec("sma", 4, 1), result.table()
     assert abs(result.baseline - distance(snapshots[-1])) < 1e-4
     for candidate, loss in result.rows:
         k, s = candidate.last, candidate.stride
@@ -120,7 +120,7 @@ def test_select_ranks_candidates_on_held_out_loss() -> None:
         assert abs(loss - distance(merged)) < 1e-4, (str(candidate), loss, distance(merged))
     assert [c.last for c, _ in result.rows].count(1) == 1, "N = 1 is the same for every method"
     assert all(a[1] <= b[1] for a, b in zip(result.rows, result.rows[1:])), "best first"
-    merger.select(evaluate, [Candidate("wma", 3, 2), Candidate("sma", 4)], apply_best=True)
+    merger.select(evaluate, [MergeSpec("wma", 3, 2), MergeSpec("sma", 4)], apply_best=True)
     best = merger.merged_shards("sma", last=4)
     assert all(torch.equal(p.detach(), best[n]) for n, p in model.named_parameters()), "applied"
 

@@ -11,11 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pma_dist import MergeMonitor, Merger, MonitorConfig, PMAConfig
-from pma_dist.selection import Candidate
+from pma_dist import MergeMonitor, Merger, MergeSpec, MonitorConfig, PMAConfig
 from tests.support.models import make_model
 
-CANDIDATES = [Candidate("sma", 2), Candidate("wma", 4), Candidate("sma", 2, 2), Candidate("ema", 4)]
+CANDIDATES = [MergeSpec("sma", 2), MergeSpec("wma", 4), MergeSpec("sma", 2, 2), MergeSpec("ema", 4)]
 WEIGHTS = {
     "sma": lambda k: [1 / k] * k,
     "wma": lambda k: [i / (k * (k + 1) / 2) for i in range(1, k + 1)],
@@ -62,7 +61,7 @@ class Run:
             )
             self.monitor.step()
 
-    def reference(self, candidate: Candidate, upto: int) -> dict[str, torch.Tensor]:
+    def reference(self, candidate: MergeSpec, upto: int) -> dict[str, torch.Tensor]:
         held = self.snapshots[max(0, upto - 4) : upto]
         k, s = candidate.last, candidate.stride
         chosen = [held[len(held) - 1 - (k - 1 - i) * s] for i in range(k)]
@@ -89,7 +88,7 @@ def test_monitor_ranks_logs_and_keeps_the_best_export(tmp_path: Path) -> None:
         upto = record["step"]
         assert record["live_loss"] == pytest.approx(run.distance(run.snapshots[upto - 1]), rel=1e-6)
         for merge in record["merges"]:
-            candidate = Candidate(merge["method"], merge["last"], merge["stride"])
+            candidate = MergeSpec(merge["method"], merge["last"], merge["stride"])
             expected = run.distance(run.reference(candidate, upto))
             assert merge["loss"] == pytest.approx(expected, rel=1e-5), (upto, merge)
         losses = [m["loss"] for m in record["merges"]]
@@ -103,7 +102,7 @@ def test_monitor_ranks_logs_and_keeps_the_best_export(tmp_path: Path) -> None:
     assert {r["exported"] for r in records[1:]} == {True, False}, "both paths exercised"
     for before, after, record in zip(best_files, best_files[1:], records[1:]):
         assert (before == after) != record["exported"], "replaced only by a better merge"
-    best = Candidate(best_so_far["method"], best_so_far["last"], best_so_far["stride"])
+    best = MergeSpec(best_so_far["method"], best_so_far["last"], best_so_far["stride"])
     exported = load_file(tmp_path / "best" / "model.safetensors")
     for name, expected in run.reference(best, best_so_far["step"]).items():
         torch.testing.assert_close(exported[name].double(), expected, rtol=1e-6, atol=1e-7)
@@ -164,7 +163,7 @@ def test_monitor_config_errors_name_the_key() -> None:
         MergeMonitor(merger, lambda: 0.0, {"every": 0})
     with pytest.raises(ValueError, match=r"unknown key\(s\) evry"):
         MergeMonitor(merger, lambda: 0.0, {"evry": 2})
-    with pytest.raises(ValueError, match=r"candidates: 'sma' is not a Candidate"):
+    with pytest.raises(ValueError, match=r"candidates: 'sma' is not a MergeSpec"):
         MergeMonitor(merger, lambda: 0.0, {"candidates": ["sma"]})
     MergeMonitor(merger, lambda: 0.0, MonitorConfig(candidates=[{"method": "wma", "last": 2}]))
     with pytest.raises(ValueError, match="already has an extension named 'merge_monitor'"):

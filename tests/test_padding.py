@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 pytest.importorskip("deepspeed")
 
-from pma_dist.testing import (  # noqa: E402  # noqa: E402
+from pma_dist.testing import (  # noqa: E402
     assert_bitwise_equal,
     assert_close_rel,
     fill_uninitialized_memory,
@@ -66,7 +66,7 @@ def _padding_is_nan(engine) -> bool:
 
 
 def _worker(rank: int, world_size: int, root: str) -> dict:
-    from pma_dist import comm
+    from pma_dist import _comm as comm
 
     fill_uninitialized_memory()
     engine = _engine(0, world_size)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from pma_dist.plan import meta_model, model_config, plan, suggested_interval_tokens
+from pma_dist.tools import meta_model, model_config, plan, suggested_interval_tokens
 from tests.support.cli import run_cli
 
 WINDOW = 10

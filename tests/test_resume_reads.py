@@ -31,7 +31,7 @@ class Wide(nn.Module):
 def _model(world_size: int) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from pma_dist.sharding import fully_shard_blocks
+    from pma_dist.tools import fully_shard_blocks
 
     torch.manual_seed(0)
     model = Wide()
@@ -69,13 +69,13 @@ def _save_worker(rank: int, world_size: int, root: str) -> dict:
 
 
 def _load_worker(rank: int, world_size: int, root: str) -> dict:
-    from pma_dist import persistence
+    from pma_dist.state import plan_files
 
     model = _model(world_size)
     merger = Merger(model, None, PMAConfig(window=WINDOW, interval_steps=1))
     share = sum(sum(f.numel for f in s.fragments) * 4 * WINDOW for s in merger.backend.shards())
     directory = Path(root) / "files"
-    plan = persistence.plan_files(directory, merger.backend, merger.header())
+    plan = plan_files(directory, merger.backend, merger.header())
     headers = sum(
         8 + int.from_bytes((directory / name).read_bytes()[:8], "little")
         for name in plan.files_opened

@@ -22,16 +22,16 @@ import pytest
 import torch
 
 from pma_dist import Merger, PMAConfig, PMAStateError
-from pma_dist.backends.base import Fragment, Shard
-from pma_dist.save_layout import RankLayout, describe_rank, plan_save, shard_writes, shifted
-from pma_dist.saved_runs import SavedRuns, plan_copies
+from pma_dist.backends import Fragment, Shard
+from pma_dist.state._layout import RankLayout, describe_rank, plan_save, shard_writes, shifted
+from pma_dist.state._runs import SavedRuns, plan_copies
 from pma_dist.testing import assert_bitwise_equal
 from tests.support.models import full_state, make_model
 
 SIMULATE = """
 import json, sys
-from pma_dist.plan import simulated_merger
-from pma_dist.save_layout import exchanged
+from pma_dist.state._layout import exchanged
+from pma_dist.tools import simulated_merger
 model, world, rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 with simulated_merger(model, world, 1, rank, 2, 1) as merger:
     shards = merger.backend.shards()

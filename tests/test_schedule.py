@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pma_dist import PMAConfig
-from pma_dist.schedule import SnapshotSchedule
+from pma_dist.core import SnapshotSchedule
 
 
 def _schedule(**values) -> SnapshotSchedule:

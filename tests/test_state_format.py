@@ -117,7 +117,7 @@ def test_indexes_listing_every_ranks_fragments_still_load(tmp_path: Path) -> Non
     (tests/data/make_state_v2_index.py): they load, whole and per tensor."""
     import shutil
 
-    from pma_dist.saved_tensors import SavedTensors
+    from pma_dist.state import SavedTensors
     from tests.data.make_state_v2_index import HERE, saved_run
 
     model, _, snapshots = saved_run()
@@ -180,7 +180,7 @@ def test_earlier_pt_state_files_load_never_run_code_and_refuse_edited_headers(
 
 
 def test_inspect_reads_version_1_state() -> None:
-    from pma_dist.inspect_state import read_pma_summary
+    from pma_dist.state import read_pma_summary
 
     summary = read_pma_summary(FIXTURES / "dcp")
     assert summary["format"] == 1 and summary["num_snapshots"] == 4

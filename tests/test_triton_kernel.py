@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 
 
 def _cases() -> None:
-    from pma_dist import triton_kernels
+    from pma_dist.kernels import _triton as triton_kernels
 
     block = triton_kernels.BLOCK
     torch.manual_seed(0)

@@ -64,7 +64,7 @@ def shard_fsdp2(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from pma_dist.sharding import fully_shard_blocks
+    from pma_dist.tools import fully_shard_blocks
 
     world = dist.get_world_size()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))

@@ -2,7 +2,13 @@
 
 Each engine module exposes ``backend_for(model, optimizer, buffers)``: a backend when the model
 (or its optimizer) belongs to that engine, else None. :data:`ENGINES` lists them in the order
-they are asked, most specific first; a new engine is one module plus one line here.
+they are asked, most specific first; a new engine is one module plus one line here. Only its
+backend knows an engine: the rest of pma_dist sees :class:`Backend`, :class:`Shard` and
+:class:`Fragment` (``_base``) and, for export, a :class:`TensorSource` (``_sources``).
+
+Modules: ``_base`` (the interface and its vocabulary), ``_params`` (what every backend needs of
+a module), ``_plain``, ``_fsdp2``, ``_deepspeed`` (+ ``_deepspeed_names``), ``_sources`` and
+``_delivery`` (full tensors for export), ``_optimizers`` (unwrapping optimizer wrappers).
 """
 
 from __future__ import annotations
@@ -12,35 +18,49 @@ import importlib
 import torch
 from torch import nn
 
-from .base import Backend, Shard, canonical_name
-from .plain import PlainBackend, trainable_parameters
+from ._base import Backend, Fragment, Shard, canonical_name, floating_buffers
+from ._deepspeed import check_version as check_deepspeed_version
+from ._deepspeed import is_deepspeed_engine, zero_optimizer_of
+from ._optimizers import optimizer_chain, unwrap_optimizer
+from ._params import require_parameters, trainable_parameters
+from ._plain import PlainBackend
+from ._sources import ModuleSource, TensorSource, meta_state, module_state
 
-__all__ = ["ENGINES", "Backend", "Shard", "canonical_name", "select_backend", "PlainBackend"]
+__all__ = [
+    "ENGINES",
+    "Backend",
+    "Fragment",
+    "ModuleSource",
+    "PlainBackend",
+    "Shard",
+    "TensorSource",
+    "canonical_name",
+    "check_deepspeed_version",
+    "floating_buffers",
+    "is_deepspeed_engine",
+    "meta_state",
+    "module_state",
+    "optimizer_chain",
+    "require_parameters",
+    "select_backend",
+    "trainable_parameters",
+    "unwrap_optimizer",
+    "zero_optimizer_of",
+]
 
 ENGINES = ("deepspeed", "fsdp2", "plain")
-"""Modules of ``pma_dist.backends`` asked in turn; ``plain`` takes any model."""
+"""Engines asked in turn (the modules ``pma_dist.backends._<engine>``); ``plain`` takes any
+model."""
 
 
 def select_backend(
     model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *, buffers: bool = True
 ) -> Backend:
     """The backend of the first engine in :data:`ENGINES` that claims ``model``. ``buffers``
-    averages the persistent floating buffers too (see
-    :func:`~pma_dist.backends.base.floating_buffers`)."""
+    averages the persistent floating buffers too (see :func:`floating_buffers`)."""
     for engine in ENGINES:
-        module = importlib.import_module(f"{__name__}.{engine}")
+        module = importlib.import_module(f"{__name__}._{engine}")
         backend = module.backend_for(model, optimizer, buffers)
         if backend is not None:
             return backend
     raise AssertionError("the plain backend takes every model")
-
-
-def require_parameters(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list:
-    """The trainable parameters, or a clear error when there are none."""
-    params = trainable_parameters(model, optimizer)
-    if not params:
-        raise ValueError(
-            "Merger: the model has no trainable parameters (none requires grad, or none is in "
-            "the optimizer's param_groups); there is nothing to average"
-        )
-    return params

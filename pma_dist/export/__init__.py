@@ -8,9 +8,9 @@ into a Hugging Face directory offline, in one process. Modules: ``pipeline`` (bo
 ``manifest`` and ``verify``, ``sources``/``offline`` (reading checkpoints back).
 """
 
-from .atomic import ExportError
-from .manifest import MANIFEST
-from .pipeline import convert_to_hf, export_model
-from .verify import verify_export
+from ._atomic import ExportError
+from ._manifest import MANIFEST
+from ._pipeline import convert_to_hf, export_model
+from ._verify import verify_export
 
 __all__ = ["ExportError", "MANIFEST", "convert_to_hf", "export_model", "verify_export"]

@@ -1,1 +1,11 @@
-"""Engine integrations: DeepSpeed (a config flag) and Accelerate (one line after prepare)."""
+"""PMA inside the engines and trainers people train with, each in its own module (imported on
+its own, so that none needs the others' packages):
+
+* ``deepspeed``: a ``"pma"`` section in the DeepSpeed config (also :mod:`pma_dist.deepspeed`).
+* ``accelerate``: one line after ``accelerator.prepare`` (also :mod:`pma_dist.accelerate`).
+* ``hf``, ``lightning``, ``olmo_core``: a callback of the transformers ``Trainer``, of
+  Lightning's and of OLMo-core's.
+* ``torchtitan``: a step hook on the ``OptimizersContainer`` and a checkpoint entry.
+"""
+
+__all__ = ["accelerate", "deepspeed", "hf", "lightning", "olmo_core", "torchtitan"]

@@ -18,9 +18,9 @@ from typing import Any
 
 from torch import nn
 
+from ..backends import unwrap_optimizer
 from ..config import PMAConfig
 from ..merger import Merger
-from ..optimizers import unwrap_optimizer
 
 
 def attach(
@@ -33,7 +33,7 @@ def attach(
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        from ..backends.deepspeed import is_deepspeed_engine
+        from ..backends import is_deepspeed_engine
         from .deepspeed import attach as attach_engine
 
         wrapped = accelerator.deepspeed_engine_wrapped
@@ -68,7 +68,7 @@ def detach(accelerator, model: nn.Module, merger: Merger | None = None) -> None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        from ..backends.deepspeed import is_deepspeed_engine
+        from ..backends import is_deepspeed_engine
         from .deepspeed import detach as detach_engine
 
         engine = (

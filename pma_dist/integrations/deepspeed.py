@@ -28,7 +28,7 @@ from typing import Any
 
 from ..config import PMAConfig
 from ..merger import Merger
-from ..persistence import has_files
+from ..state import has_files
 
 log = logging.getLogger("pma_dist")
 
@@ -55,7 +55,7 @@ def initialize(*args: Any, config: Any = None, config_params: Any = None, **kwar
     """
     import deepspeed
 
-    from ..backends.deepspeed import check_version
+    from ..backends import check_deepspeed_version
 
     raw = config if config is not None else config_params
     if raw is None and args and getattr(args[0], "deepspeed_config", None):
@@ -63,7 +63,7 @@ def initialize(*args: Any, config: Any = None, config_params: Any = None, **kwar
     ds_config = read_config(raw)
     pma = PMAConfig.from_deepspeed(ds_config) if ds_config is not None else None
     if pma is not None:
-        check_version(deepspeed.__version__)
+        check_deepspeed_version(deepspeed.__version__)
     if ds_config is not None:
         kwargs["config"] = ds_config
     elif config_params is not None:

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .. import comm
-from ..backends.deepspeed import zero_optimizer_of
+from .. import _comm as comm
+from ..backends import zero_optimizer_of
 from ..config import PMAConfig
+from ..core import lacks_token_source
 from ..merger import Merger
-from ..persistence import has_files
-from ..schedule import lacks_token_source
+from ..state import has_files
 from .deepspeed import merger_of, read_config
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class PMACallback(TrainerCallback):
         export_dir: str | Path | None = None,
         **export_options: Any,
     ) -> None:
-        self.config = PMAConfig.from_dict(config) if isinstance(config, Mapping) else config
+        self.config = None if config is None else PMAConfig.coerce(config, owner="PMACallback")
         self.export_dir = export_dir
         self.export_options = export_options
         self.merger: Merger | None = None

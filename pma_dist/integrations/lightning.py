@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from .. import comm
+from .. import _comm as comm
 from ..config import PMAConfig
+from ..core import lacks_token_source
 from ..merger import Merger
-from ..schedule import lacks_token_source
 
 log = logging.getLogger("pma_dist")
 
@@ -55,7 +55,7 @@ class PMACallback(Callback):
         *,
         tokens: Callable[[Any], int] | None = None,
     ) -> None:
-        self.config = PMAConfig.from_dict(config) if isinstance(config, Mapping) else config
+        self.config = PMAConfig.coerce(config, owner="PMACallback")
         self.tokens = tokens
         self.merger: Merger | None = None
         self._last_step = 0

@@ -35,11 +35,11 @@ from olmo_core.distributed.utils import barrier, get_rank
 from olmo_core.io import clear_directory, dir_is_empty, join_path
 from olmo_core.train.callbacks import Callback, EvaluatorCallback
 
-from .. import comm
+from .. import _comm as comm
 from ..config import PMAConfig
 from ..errors import PMAStateError
 from ..merger import Merger
-from ..persistence import has_files
+from ..state import has_files
 
 log = logging.getLogger("pma_dist")
 
@@ -74,10 +74,9 @@ class PMACallback(Callback):
     _saved_world: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.config, Mapping):
-            self.config = PMAConfig.from_dict(self.config)
-        elif self.config is None:
+        if self.config is None:
             self.config = PMAConfig(method="sma", window=self.merge_last_n_steps, interval_steps=1)
+        self.config = PMAConfig.coerce(self.config, owner="PMACallback")
         steps = [self.merge_step] if isinstance(self.merge_step, int) else self.merge_step
         if steps and self.merge_interval is not None:
             raise ValueError("PMACallback: set merge_step or merge_interval, not both")

@@ -28,8 +28,8 @@ from typing import Any
 from torch import nn
 
 from ..config import PMAConfig
+from ..core import lacks_token_source
 from ..merger import Merger
-from ..schedule import lacks_token_source
 
 STATE_KEY = "pma"
 """The key of the Merger in the ``CheckpointManager``'s states (and in its DCP checkpoints)."""
@@ -51,7 +51,7 @@ def post_optimizer_build_fn(
     """The function for ``ModelSpec.post_optimizer_build_fn``: ``inner`` (the spec's own, e.g.
     ``register_moe_load_balancing_hook``) and then :func:`attach`. A bad config is refused here,
     before torchtitan builds anything."""
-    config = config if isinstance(config, PMAConfig) else PMAConfig.from_dict(config)
+    config = PMAConfig.coerce(config, owner="post_optimizer_build_fn")
     _check_tokens(config, tokens)
 
     def build(optimizers, model_parts: list[nn.Module], parallel_dims: Any = None) -> None:
@@ -80,7 +80,7 @@ def attach(
             f"pma_dist torchtitan: {len(model_parts)} model parts (pipeline parallelism) are not "
             "supported; PMA needs the whole model, one part per rank"
         )
-    config = config if isinstance(config, PMAConfig) else PMAConfig.from_dict(config)
+    config = PMAConfig.coerce(config, owner="attach")
     _check_tokens(config, tokens)
     merger = Merger(model_parts[0], optimizers, config)
 

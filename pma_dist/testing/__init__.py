@@ -17,8 +17,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from ..sharding import fully_shard_blocks
-from .ranks import (
+from ..tools import fully_shard_blocks
+from ._ranks import (
     FILL_UNINITIALIZED_ENV,
     RankOutcome,
     fill_uninitialized_memory,
@@ -26,7 +26,7 @@ from .ranks import (
     run_rank_outcomes,
     run_ranks,
 )
-from .reference import (
+from ._reference import (
     assert_bitwise_equal,
     assert_close_rel,
     max_rel_error,

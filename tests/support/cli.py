@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     exe = shutil.which("pma-dist", path=str(Path(sys.executable).parent))
-    command = [exe] if exe else [sys.executable, "-m", "pma_dist.cli"]
+    command = [exe] if exe else [sys.executable, "-m", "pma_dist.tools.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout)
 
 

@@ -66,7 +66,7 @@ def full_fp32(engine) -> dict[str, torch.Tensor]:
     """Every parameter's full fp32 master value (collective), keyed like the Merger names."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from pma_dist.backends.deepspeed import parameter_names
+    from pma_dist.backends._deepspeed_names import parameter_names
 
     names = parameter_names(engine.module)
     return {
@@ -79,7 +79,7 @@ def full_working(engine) -> dict[str, torch.Tensor]:
     """Every parameter's full working (bf16) value as the forward sees it (collective)."""
     import deepspeed
 
-    from pma_dist.backends.deepspeed import parameter_names
+    from pma_dist.backends._deepspeed_names import parameter_names
 
     names = parameter_names(engine.module)
     out = {}
@@ -145,7 +145,7 @@ def moe_step(engine, step: int, rank: int, world_size: int) -> float:
 def gathered_fp32(engine) -> dict[str, torch.Tensor]:
     """Full fp32 values of every parameter under global names, merged over all ranks; a name
     held by several ranks (expert-data-parallel replicas) must hold the same values."""
-    from pma_dist import comm
+    from pma_dist import _comm as comm
 
     merged: dict[str, torch.Tensor] = {}
     for part in comm.gather_objects(full_fp32(engine)):
@@ -160,7 +160,7 @@ def assembled_fp32(engine) -> dict[str, torch.Tensor]:
     """Full fp32 parameters put together from the fragments the PMA backend reports on every
     rank (all gathered): elements held by several ranks must agree, and every element of
     every parameter must be covered."""
-    from pma_dist import comm
+    from pma_dist import _comm as comm
 
     local = []
     for shard in engine.pma.backend.shards():

@@ -11,7 +11,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from pma_dist import Merger, kernels
+from pma_dist import Merger
+from pma_dist.kernels import _fused as kernels
 
 COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "reduce_scatter",
