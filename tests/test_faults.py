@@ -63,30 +63,30 @@ def _worker(rank: int, world_size: int, root: str, fault: str | None, resume: bo
 
 def _arm(fault: str) -> None:
     """Make this rank die by SIGKILL in the middle of the next snapshot or checkpoint."""
-    from pma_dist.core import _averages as averaging
-    from pma_dist.merger import _merger as merger
+    from pma_dist import Merger
+    from pma_dist.core import WindowAverage
 
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
 
     if fault == "snapshot":
-        original = averaging.WindowAverage.snapshot
+        original = WindowAverage.snapshot
 
         def snapshot(self, *args, **kwargs):
             if self.count >= 4:
                 die()
             return original(self, *args, **kwargs)
 
-        averaging.WindowAverage.snapshot = snapshot
+        WindowAverage.snapshot = snapshot
     else:
-        original = merger.Merger.state_dict
+        original = Merger.state_dict
 
         def state_dict(self):
             if self.num_snapshots >= 5:
                 die()
             return original(self)
 
-        merger.Merger.state_dict = state_dict
+        Merger.state_dict = state_dict
 
 
 @pytest.mark.parametrize("fault", ["snapshot", "checkpoint"])

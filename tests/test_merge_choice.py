@@ -120,7 +120,9 @@ def test_select_ranks_candidates_on_held_out_loss() -> None:
         assert abs(loss - distance(merged)) < 1e-4, (str(candidate), loss, distance(merged))
     assert [c.last for c, _ in result.rows].count(1) == 1, "N = 1 is the same for every method"
     assert all(a[1] <= b[1] for a, b in zip(result.rows, result.rows[1:])), "best first"
-    merger.select(evaluate, [MergeSpec("wma", 3, 2), MergeSpec("sma", 4)], apply_best=True)
+    given = [MergeSpec("wma", 3, 2), MergeSpec("sma", 4)]
+    chosen = merger.select(evaluate, given, apply_best=True)
+    assert {c for c, _ in chosen.rows} == set(given), "the candidates as given"
     best = merger.merged_shards("sma", last=4)
     assert all(torch.equal(p.detach(), best[n]) for n, p in model.named_parameters()), "applied"
 
@@ -169,6 +171,14 @@ def test_config_last_and_stride_choose_the_default_merge() -> None:
         1e-6,
         "an explicit last overrides the config's",
     )
+    from pma_dist import MergeSpec
+
+    wma = {n: (snapshots[2][n] + 2 * snapshots[5][n]) / 3 for n in snapshots[0]}
+    as_spec = {k: v.double() for k, v in merger.merged_shards(MergeSpec("wma")).items()}
+    assert_close_rel(as_spec, wma, 1e-6, "a MergeSpec takes the config's N and V")
+    assert merger.selection(spec=MergeSpec(weights=[0, 1, 0, 0, 0, 1])) == [(2, 200), (6, 600)]
+    with pytest.raises(ValueError, match="pass a MergeSpec"):
+        merger.merged_shards(MergeSpec("wma"), last=2)
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,10 @@ backend knows an engine: the rest of pma_dist sees :class:`Backend`, :class:`Sha
 :class:`Fragment` (``_base``) and, for export, a :class:`TensorSource` (``_sources``).
 
 Modules: ``_base`` (the interface and its vocabulary), ``_params`` (what every backend needs of
-a module), ``_plain``, ``_fsdp2``, ``_deepspeed`` (+ ``_deepspeed_names``), ``_sources`` and
-``_delivery`` (full tensors for export), ``_optimizers`` (unwrapping optimizer wrappers).
+a module), ``_plain``, ``_fsdp2``, ``_deepspeed`` (+ ``_deepspeed_names``; ``_deepspeed_probe``
+tells DeepSpeed objects apart without importing it), ``_sources`` and ``_delivery`` (full
+tensors for export), ``_optimizers`` (unwrapping optimizer wrappers). Importing this face
+imports no engine, nor DTensor: the engine modules load when :func:`select_backend` asks them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import torch
 from torch import nn
 
 from ._base import Backend, Fragment, Shard, canonical_name, floating_buffers
-from ._deepspeed import check_version as check_deepspeed_version
-from ._deepspeed import is_deepspeed_engine, zero_optimizer_of
+from ._deepspeed_probe import check_version as check_deepspeed_version
+from ._deepspeed_probe import is_deepspeed_engine, zero_optimizer_of
 from ._optimizers import optimizer_chain, unwrap_optimizer
 from ._params import require_parameters, trainable_parameters
 from ._plain import PlainBackend

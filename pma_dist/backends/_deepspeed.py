@@ -13,14 +13,13 @@ Names are the module's parameter names with DeepSpeed MoE experts renumbered glo
 
 The layout is read from private optimizer attributes (``round_robin_bit16_offsets``,
 ``grad_position``, ``fp32_partitioned_groups_flat``, ``_hp_mapping``), which DeepSpeed changes
-between minor versions, so only the tested range is accepted (:data:`SUPPORTED_VERSIONS`).
+between minor versions, so only the tested range is accepted
+(``_deepspeed_probe.SUPPORTED_VERSIONS``).
 """
 
 from __future__ import annotations
 
 import math
-import re
-import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -29,30 +28,10 @@ from torch import nn
 
 from ._base import Fragment, Shard, canonical_name
 from ._deepspeed_names import expert_names, parameter_names
+from ._deepspeed_probe import check_version, is_deepspeed_engine, zero_optimizer_of
 from ._delivery import deliver_runs
-from ._optimizers import optimizer_chain
 from ._params import buffer_shards
 from ._sources import meta_state
-
-SUPPORTED_VERSIONS = ((0, 19), (0, 20))
-"""DeepSpeed releases whose private layout this backend is tested against: [0.19, 0.20)."""
-
-
-def check_version(version: str | None = None) -> None:
-    """Raise ``RuntimeError`` unless DeepSpeed's version is in :data:`SUPPORTED_VERSIONS`."""
-    if version is None:
-        import deepspeed
-
-        version = deepspeed.__version__
-    low, high = SUPPORTED_VERSIONS
-    match = re.match(r"(\d+)\.(\d+)", str(version))
-    if match is None or not low <= (int(match[1]), int(match[2])) < high:
-        raise RuntimeError(
-            f"DeepSpeed {version} is not supported by pma_dist: it reads DeepSpeed's private "
-            f"optimizer layout, tested for deepspeed>={low[0]}.{low[1]},<{high[0]}.{high[1]}; "
-            f"install a version in that range (pip install 'deepspeed>={low[0]}.{low[1]},"
-            f"<{high[0]}.{high[1]}')"
-        )
 
 
 class DeepSpeedBackend:
@@ -247,26 +226,3 @@ def backend_for(model: nn.Module, optimizer, buffers: bool) -> DeepSpeedBackend 
         return DeepSpeedBackend(model.module, model.optimizer, buffers=buffers)
     zero = zero_optimizer_of(optimizer)
     return DeepSpeedBackend(model, zero, buffers=buffers) if zero is not None else None
-
-
-def is_deepspeed_engine(model: object) -> bool:
-    """True for a ``DeepSpeedEngine`` (checked without importing DeepSpeed when it is absent)."""
-    if "deepspeed" not in sys.modules:
-        return False
-    from deepspeed import DeepSpeedEngine
-
-    return isinstance(model, DeepSpeedEngine)
-
-
-def zero_optimizer_of(optimizer: object):
-    """The ZeRO optimizer inside ``optimizer`` (itself, or under wrappers such as Accelerate's
-    ``DeepSpeedOptimizerWrapper``), or None."""
-    chain = optimizer_chain(optimizer)
-    return next((o for o in chain if any(hasattr(o, a) for a in _MASTER_ATTRIBUTES)), None)
-
-
-_MASTER_ATTRIBUTES = (
-    "fp32_partitioned_groups_flat",
-    "single_partition_of_fp32_groups",
-    "fp32_groups_flat_partition",
-)

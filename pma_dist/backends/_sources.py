@@ -14,10 +14,8 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ._base import canonical_name
-from ._delivery import deliver
 
 
 class TensorSource(Protocol):
@@ -69,6 +67,10 @@ class ModuleSource:
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """One tensor at a time: with ``writers``, each goes to its writers only
         (``_delivery``); without, DTensors are gathered on every rank."""
+        from torch.distributed.tensor import DTensor  # imported when a model is exported
+
+        from ._delivery import deliver
+
         me = dist.get_rank() if dist.is_initialized() else 0
         with torch.no_grad():
             for name in names:

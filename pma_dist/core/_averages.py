@@ -98,7 +98,8 @@ class RunningAverage(AveragingState):
         if any(x is not None for x in chosen) or spec.method != self.method:
             raise ValueError(
                 f"running mode (pma.window = null) keeps a single {self.method!r} average; "
-                f"method={spec.method!r}/weights/last/stride need window mode (pma.window = N)"
+                f"method={spec.method or self.method!r}/weights/last/stride need window mode "
+                "(pma.window = N)"
             )
         return [1.0]
 

@@ -48,7 +48,7 @@ class MergeSpec:
         ``last``, ``stride``): the default method when it names neither a method nor weights,
         the default N and V when it names none of N, V and weights."""
         spec = self
-        if self.method is None and self.weights is None:
+        if not self.method and self.weights is None:
             spec = replace(spec, method=method)
         if self.uses_default_snapshots:
             spec = replace(spec, last=last, stride=stride if stride > 1 else None)
@@ -71,4 +71,4 @@ class MergeSpec:
         if self.weights is not None:
             return f"weights {[round(float(w), 4) for w in self.weights]}"
         n = self.last if self.last is not None else "all"
-        return f"{self.method} N={n} stride={self.stride or 1}"
+        return f"{self.method or 'default'} N={n} stride={self.stride or 1}"

@@ -3,9 +3,10 @@
 :func:`export_model` writes whatever weights a live model holds now (``Merger.export`` calls it
 inside ``swapped()``, so they are the merged ones); it is collective over the model's ranks.
 :func:`convert_to_hf` turns a DCP export, or a training checkpoint holding a Merger's state,
-into a Hugging Face directory offline, in one process. Modules: ``pipeline`` (both of those),
-``hf`` (planning and writing safetensors), ``atomic`` (local and collective commits),
-``manifest`` and ``verify``, ``sources``/``offline`` (reading checkpoints back).
+into a Hugging Face directory offline, in one process. Modules: ``_pipeline`` (both of those),
+``_hf_plan`` and ``_hf_writer`` (planning and writing safetensors), ``_atomic`` (local and
+collective commits), ``_manifest`` and ``_verify``, ``_sources`` and ``_offline`` (reading
+checkpoints back), ``_progress``.
 """
 
 from ._atomic import ExportError

@@ -6,6 +6,9 @@ its own, so that none needs the others' packages):
 * ``hf``, ``lightning``, ``olmo_core``: a callback of the transformers ``Trainer``, of
   Lightning's and of OLMo-core's.
 * ``torchtitan``: a step hook on the ``OptimizersContainer`` and a checkpoint entry.
+
+Import the module of the trainer in hand (``from pma_dist.integrations.hf import
+PMACallback``); this face re-exports nothing, so that none of them loads with another.
 """
 
-__all__ = ["accelerate", "deepspeed", "hf", "lightning", "olmo_core", "torchtitan"]
+__all__: list[str] = []

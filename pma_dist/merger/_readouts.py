@@ -20,7 +20,6 @@ from torch import nn
 from ..backends import Backend
 from ..config import PMAConfig
 from ..core import AveragingState, MergeSpec, SnapshotSchedule
-from ..export import export_model
 from . import _swap as swap
 from ._selection import Selection, select
 
@@ -117,12 +116,13 @@ class Readouts:
         return select(self, evaluate, candidates, **then)
 
     def selection(
-        self, last: int | None = None, stride: int | None = None
+        self, last: int | None = None, stride: int | None = None, *, spec: MergeSpec | None = None
     ) -> list[tuple[int, int]]:
-        """``(step, tokens)`` of the snapshots a merge with ``last``/``stride`` uses, oldest
-        first: their recorded spacing is the real V (skips and token-grid jumps make it differ
-        from ``stride`` x interval). Collective when snapshots are pending."""
-        resolved = self._weights(MergeSpec(last=last, stride=stride))
+        """``(step, tokens)`` of the snapshots a merge with ``last``/``stride`` (or the whole
+        ``spec``) uses, oldest first: their recorded spacing is the real V (skips and token-grid
+        jumps make it differ from ``stride`` x interval). Collective when snapshots are
+        pending."""
+        resolved = self._weights(spec if spec is not None else MergeSpec(last=last, stride=stride))
         return [h for h, w in zip(self.history, resolved) if w != 0]
 
     def merged_shards(
@@ -159,6 +159,8 @@ class Readouts:
         see :func:`pma_dist.export.export_model` for ``options`` (config, tokenizer,
         max_shard_size, ...). The live weights are restored bitwise afterwards.
         """
+        from ..export import export_model  # the writers load when a model is exported
+
         spec = _spec(method, weights, last, stride)
         resolved = self._weights(spec)
         merged = [h for h, w in zip(self.history, resolved) if w != 0]

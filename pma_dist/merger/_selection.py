@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,13 +88,6 @@ def default_candidates(held: int, methods: Sequence[str] = GRID_METHODS) -> list
     ]
 
 
-def explicit(candidate: MergeSpec) -> MergeSpec:
-    """A candidate as it is ranked and reported: an unset stride is 1, so one that names no N,
-    V or weights merges every held snapshot (not the config's default merge)."""
-    unset = candidate.weights is None and candidate.stride is None
-    return replace(candidate, stride=1) if unset else candidate
-
-
 def select(
     merger: Selectable,
     evaluate: Callable[[], Any],
@@ -109,7 +102,7 @@ def select(
     if candidates is None:
         candidates = default_candidates(merger.window_size)
     seen, distinct = set(), []
-    for candidate in map(explicit, candidates):
+    for candidate in candidates:
         key = tuple(round(w, 12) for w in merger.weights_for(candidate))
         if key not in seen:
             seen.add(key)

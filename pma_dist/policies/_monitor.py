@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import _comm as comm
+from ..config import PMAConfig
 from ..core import MergeSpec
 from ..merger import Merger, Selection, default_candidates
 from ._monitor_log import MonitorLog
@@ -71,13 +72,20 @@ def _candidate(value: MergeSpec | Mapping[str, Any]) -> MergeSpec:
     if isinstance(value, MergeSpec):
         return value
     if isinstance(value, Mapping):
-        unknown = set(value) - {"method", "last", "stride"}
-        if not unknown and "method" in value:
+        unknown = set(value) - {"method", "last", "stride", "weights"}
+        if not unknown and ("method" in value or "weights" in value):
             return MergeSpec(**value)
     raise ValueError(
-        f"MonitorConfig.candidates: {value!r} is not a MergeSpec or a dict of method "
-        "(required), last and stride"
+        f"MonitorConfig.candidates: {value!r} is not a MergeSpec or a dict of method (or "
+        "weights), last and stride"
     )
+
+
+def _explicit(spec: MergeSpec, config: PMAConfig) -> MergeSpec:
+    """``spec`` with what the config fills in spelled out (method, N, V; an unset stride is
+    1), so that logs and the saved best name each merge whole."""
+    spec = spec.resolved(config.method, config.last, config.stride)
+    return replace(spec, stride=1) if spec.weights is None and spec.stride is None else spec
 
 
 class MergeMonitor:
@@ -131,7 +139,8 @@ class MergeMonitor:
         self.merger.agree()
         held = self.merger.window_size
         grid = self.config.candidates or default_candidates(max(held, 1))
-        candidates = [c for c in grid if c.fits(held)]
+        explicit = (_explicit(c, self.merger.config) for c in grid)
+        candidates = [c for c in explicit if c.fits(held)]
         if not candidates:
             return None
         started = time.perf_counter()
@@ -167,7 +176,7 @@ class MergeMonitor:
         return selection
 
     def _row(self, candidate: MergeSpec, loss: float) -> dict[str, Any]:
-        used = self.merger.selection(candidate.last, candidate.stride)
+        used = self.merger.selection(spec=candidate)
         spacing = [b[1] - a[1] for a, b in zip(used, used[1:])]
         return {
             "merge": str(candidate),

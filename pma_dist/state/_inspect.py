@@ -6,8 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from ._format import StateHeader, unflatten
 
@@ -17,6 +15,9 @@ def read_entries(
 ) -> tuple[dict[str, Any], dict[str, tuple[tuple[int, ...], torch.dtype]]]:
     """The small non-tensor values under ``prefix`` (loaded) and the tensors' shapes and dtypes
     (from metadata only), keyed by the name after ``prefix``."""
+    import torch.distributed.checkpoint as dcp  # imported when a checkpoint is read
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
     path = Path(checkpoint)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(
