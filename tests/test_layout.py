@@ -174,6 +174,18 @@ def test_the_root_face_declares_what_it_exports() -> None:
     assert all(hasattr(pma_dist, name) for name in pma_dist.__all__)
 
 
+def test_importing_pma_dist_loads_no_engine() -> None:
+    """``import pma_dist`` stays light: engines, DTensor, DCP and the trainers load when used."""
+    heavy = (
+        "torch.distributed.tensor", "torch.distributed.checkpoint", "torch.distributed.fsdp",
+        "deepspeed", "transformers", "lightning", "olmo_core", "torchtitan", "safetensors",
+    )  # fmt: skip
+    child = run_python(
+        f"import sys, pma_dist\nprint(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    assert child.returncode == 0 and child.stdout.strip() == "[]", child.stdout + child.stderr
+
+
 def test_modules_and_classes_stay_small() -> None:
     long_modules, long_classes = [], []
     for path in PACKAGE.rglob("*.py"):
