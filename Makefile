@@ -64,6 +64,7 @@ bench: $(DEV)
 	$(PY) -m benchmarks.export_throughput --out bench_results/export.json
 	$(PY) -m benchmarks.export_ranks --out bench_results/export_ranks.json
 	$(PY) -m benchmarks.scale_plan --out bench_results/scale_plan.json
+	$(PY) -m benchmarks.compressed_window --out bench_results/compressed.json
 	DS_ACCELERATOR=cpu $(PY) -m benchmarks.deepspeed_overhead --out bench_results/deepspeed.json
 
 clean:

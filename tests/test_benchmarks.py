@@ -40,6 +40,11 @@ def test_benchmark_harness_smoke(tmp_path: Path) -> None:
         ("benchmarks.memory_per_rank", ["--params-millions", "2", "--sizes", "1,2"], "rows"),
         ("benchmarks.training_overhead", ["--steps", "3"], "overhead"),
         (
+            "benchmarks.compressed_window",
+            ["--snapshots", "8", "--warm-steps", "4", "--params-millions", "1", "--repeats", "1"],
+            "accuracy",
+        ),
+        (
             "benchmarks.export_ranks",
             ["--params-millions", "17", "--ranks", "1,2", "--repeats", "1"],
             "rows",

@@ -32,6 +32,7 @@ from tests.support.deepspeed_runs import (  # noqa: E402
     gathered_fp32,
     make_engine,
     make_moe_engine,
+    moe_run,
     moe_step,
 )
 from tests.support.probes import counted_calls  # noqa: E402
@@ -185,14 +186,7 @@ def test_incompatible_state_is_refused_before_deepspeed_loads(tmp_path: Path) ->
 
 
 def _moe_worker(rank, world_size) -> dict:
-    engine = make_moe_engine(world_size, ep_size=2, pma=PMA)
-    snapshots = []
-    for step in range(4):
-        moe_step(engine, step, rank, world_size)
-        snapshots.append(gathered_fp32(engine))
-    with engine.pma.swapped():
-        merged = gathered_fp32(engine)
-    return {"snapshots": snapshots, "merged": merged} if rank == 0 else {}
+    return moe_run(rank, world_size, PMA)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -71,3 +71,21 @@ def test_cli_plans_an_moe_and_names_bad_input(tmp_path) -> None:
     assert bad.returncode == 2 and "not a shipped architecture" in bad.stderr, bad.stderr
     uneven = run_cli("plan", "--model", "llama3-70b", "--world", "10", "--replicas", "3")
     assert uneven.returncode == 2 and "--world 10 --replicas 3" in uneven.stderr, uneven.stderr
+
+
+@pytest.mark.parametrize("world", [64, 1024])
+def test_a_compressed_window_costs_its_code_per_element(world, llama_shapes) -> None:
+    """bf16: a float32 base and nine 2-byte differences; fp8: nine 1-byte differences with one
+    scale byte per 128 elements of a row (a 1-D tensor cut across ranks: one per element)."""
+    held = sum(_rank0_rows(s[0], world) * math.prod(s[1:]) for s in llama_shapes)
+    rows = [(s, _rank0_rows(s[0], world)) for s in llama_shapes]
+    scales = sum(r * math.prod(s[1:-1]) * -(-s[-1] // 128) if len(s) > 1 else r for s, r in rows)
+    bf16 = plan("llama3-70b", world, window=WINDOW, compression="bf16")
+    fp8 = plan("llama3-70b", world, window=WINDOW, compression="fp8")
+    assert bf16.state_bytes_per_rank == 4 * held + (WINDOW - 1) * 2 * held
+    assert fp8.state_bytes_per_rank == 4 * held + (WINDOW - 1) * (held + scales)
+    assert bf16.state_bytes_per_rank / held <= 22.5 and fp8.state_bytes_per_rank / held <= 13.5
+    assert bf16.resume_read_bytes_per_rank == bf16.state_bytes_per_rank
+    assert bf16.snapshot_bytes_per_rank == 4 * held + 2 * 4 * held + 2 * held, "14 B an element"
+    done = run_cli("plan", "--model", "llama3-70b", "--world", str(world), "--compression", "fp8")
+    assert done.returncode == 0 and "compression" in done.stdout, done.stderr

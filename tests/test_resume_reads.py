@@ -75,7 +75,7 @@ def _load_worker(rank: int, world_size: int, root: str) -> dict:
     merger = Merger(model, None, PMAConfig(window=WINDOW, interval_steps=1))
     share = sum(sum(f.numel for f in s.fragments) * 4 * WINDOW for s in merger.backend.shards())
     directory = Path(root) / "files"
-    plan = plan_files(directory, merger.backend, merger.header())
+    plan = plan_files(directory, merger.backend, merger.header(), merger._state)
     headers = sum(
         8 + int.from_bytes((directory / name).read_bytes()[:8], "little")
         for name in plan.files_opened

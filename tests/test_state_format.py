@@ -96,9 +96,10 @@ def test_version_1_dcp_and_rank_files_load(tmp_path: Path) -> None:
     for messages in (result["warnings"], result["files_warnings"]):
         assert any("format 1 holds no buffers: balance" in m for m in messages), messages
     assert_bitwise_equal(result["files"], result["window"], "per-rank files equal DCP")
-    assert_bitwise_equal(result["v2"], result["files"], "saved again as format 2 and reloaded")
+    assert_bitwise_equal(result["v2"], result["files"], "saved again in today's format, reloaded")
     index = json.loads((tmp_path / "v2" / "pma_index.json").read_text())
-    assert index["version"] == 2 and index["header"]["meta"]["format"] == 2
+    assert index["version"] == 3 and index["header"]["meta"]["format"] == 3
+    assert index["header"]["meta"]["compression"] == "none"
 
 
 def _assert_fixture_loads(model, directory: Path, snapshots: list, what: str) -> None:

@@ -22,14 +22,30 @@ from ._sources import ModuleSource
 
 
 def _like_param(param: DTensor, buffer: torch.Tensor) -> DTensor:
-    """``buffer`` (a slot, perhaps in host memory) as a DTensor laid out like ``param``.
+    """``buffer`` (a slot, perhaps in host memory) as a DTensor laid out like ``param``; a
+    buffer whose last dimension differs from the local shard's (per-row block scales) is laid
+    out like a parameter of that last dimension, which no placement of ``param`` shards.
 
     Built directly, as FSDP2 builds its CPU-offloaded parameters: ``DTensor.from_local`` would
     move a host slot onto the mesh's device, a whole slot of accelerator memory at every save.
     """
+    from torch.distributed.tensor import Shard as ShardPlacement
     from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
-    meta = TensorMeta(param.shape, param.stride(), buffer.dtype)
+    shape, stride = param.shape, param.stride()
+    local = param._local_tensor.shape
+    if tuple(buffer.shape) != tuple(local):
+        last = param.dim() - 1
+        cut = any(isinstance(p, ShardPlacement) and p.dim % param.dim() == last
+                  for p in param.placements)  # fmt: skip
+        if buffer.dim() != param.dim() or buffer.shape[:-1] != local[:-1] or cut:
+            raise ValueError(
+                f"a buffer of shape {tuple(buffer.shape)} has no layout like a parameter of "
+                f"shape {tuple(shape)} placed {tuple(param.placements)}"
+            )
+        shape = torch.Size((*shape[:-1], buffer.shape[-1]))
+        stride = torch.empty(shape, device="meta").stride()
+    meta = TensorMeta(shape, stride, buffer.dtype)
     spec = DTensorSpec(param.device_mesh, param.placements, tensor_meta=meta)
     return DTensor(buffer, spec, requires_grad=False)
 

@@ -8,10 +8,12 @@ on plain tensors in a unit test.
 * :func:`window_weights`, :func:`decay_weights`, :func:`resolve_weights`,
   :func:`running_weight` (``_weights``): SMA, WMA, EMA and decay-shaped weights.
 * :class:`AveragingState` (``_slots``) and its two kinds, :class:`WindowAverage` and
-  :class:`RunningAverage` (``_averages``); :func:`state_for` builds the one a config asks for.
+  :class:`RunningAverage` (``_averages``), and :class:`CompressedWindow` (``_compressed``: a
+  base and coded differences); :func:`state_for` builds the one a config asks for.
 """
 
 from ._averages import RunningAverage, WindowAverage, state_for
+from ._compressed import CompressedWindow, chain_of, merge_terms
 from ._records import (
     SlotRecord,
     merge_order,
@@ -28,13 +30,16 @@ from ._weights import DECAYS, decay_weights, resolve_weights, running_weight, wi
 __all__ = [
     "DECAYS",
     "AveragingState",
+    "CompressedWindow",
     "MergeSpec",
     "RunningAverage",
     "SlotRecord",
     "SnapshotSchedule",
     "WindowAverage",
+    "chain_of",
     "decay_weights",
     "lacks_token_source",
+    "merge_terms",
     "merge_order",
     "next_slot",
     "records_from_lists",

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..config import PMAConfig
-from ..kernels import Runs, Tensors, fold_group
+from ..config import PMAConfig, PMAConfigError
+from ..kernels import BLOCK, Runs, Tensors, fold_group
+from ._compressed import CompressedWindow
 from ._records import SlotRecord
 from ._slots import AveragingState
 from ._spec import MergeSpec
@@ -55,6 +56,13 @@ class WindowAverage(AveragingState):
                 self.count -= 1
                 return record, self.slots[k]
         return None
+
+    def rebuild(self, tensor: int, snapshots) -> None:
+        """Write the snapshots ``snapshots`` yields (one tensor each, oldest first) into the
+        slots from the first, for averaged tensor ``tensor`` (a state taken from a save of
+        another kind)."""
+        for slot, snapshot in zip(self.slots, snapshots):
+            slot[tensor].copy_(snapshot)
 
     def drop(self, slots: Sequence[int]) -> None:
         """Leave ``slots`` out of every later merge; later snapshots reuse them first."""
@@ -147,8 +155,14 @@ class RunningAverage(AveragingState):
         self.settle()
 
 
-def state_for(config: PMAConfig, like: Tensors, runs: Sequence[Runs]) -> AveragingState:
-    """The averaging state ``config`` describes, for tensors shaped like ``like``."""
+def state_for(
+    config: PMAConfig,
+    like: Tensors,
+    runs: Sequence[Runs],
+    blocks: Sequence[int] | None = None,
+) -> AveragingState:
+    """The averaging state ``config`` describes, for tensors shaped like ``like``; ``blocks``
+    gives the elements per fp8 block along each tensor's rows (default 128)."""
     dtype = getattr(torch, config.dtype)
     wider = sorted({str(t.dtype) for t in like if t.element_size() > dtype.itemsize})
     if wider:
@@ -157,7 +171,17 @@ def state_for(config: PMAConfig, like: Tensors, runs: Sequence[Runs]) -> Averagi
             f"{', '.join(wider)}; averages lose precision",
             stacklevel=4,
         )
-    options = {"dtype": dtype, "offload": config.offload, "runs": runs}
+    options = {"offload": config.offload, "runs": runs}
     if config.running:
-        return RunningAverage(like, config.method, config.ema_alpha, **options)
-    return WindowAverage(like, config.window, **options)
+        return RunningAverage(like, config.method, config.ema_alpha, dtype=dtype, **options)
+    if config.compression == "none":
+        return WindowAverage(like, config.window, dtype=dtype, **options)
+    devices = sorted({str(t.device) for t in like if t.device.type != "cpu"})
+    if devices and config.offload != "none":
+        raise PMAConfigError(
+            f"pma.compression = {config.compression!r} with pma.offload = {config.offload!r}: "
+            f"a compressed window of tensors on {', '.join(devices)} is kept beside them for "
+            "now; set pma.offload = 'none' or pma.compression = 'none'"
+        )
+    blocks = [BLOCK] * len(like) if blocks is None else list(blocks)
+    return CompressedWindow(like, config.window, code=config.compression, blocks=blocks, **options)

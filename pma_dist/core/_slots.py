@@ -73,6 +73,20 @@ class AveragingState:
         """Bytes the slots take (padding included)."""
         return sum(t.numel() * t.element_size() for slot in self.slots for t in slot)
 
+    def stored(self) -> list[tuple[str, list[torch.Tensor]]]:
+        """Every plane of stored tensors (one per averaged tensor) under the key a checkpoint
+        keeps it by: ``slots.<k>`` for slot k."""
+        return [(f"slots.{k}", slot) for k, slot in enumerate(self.slots)]
+
+    def geometry(self) -> list[list[list[int]]] | None:
+        """Per tensor, where its block scales lie (``[start, rows, row, block, exps_start]``
+        per segment), for states that keep any; None here."""
+        return None
+
+    def planes(self, tensor: int) -> list[torch.Tensor]:
+        """Everything stored of averaged tensor ``tensor``, plane by plane."""
+        return [plane[tensor] for _, plane in self.stored()]
+
     def real(self, tensors: Tensors) -> list[torch.Tensor]:
         """The real (unpadded) elements of ``tensors`` (shaped like the shard) as views."""
         return real_views(tensors, self.runs)

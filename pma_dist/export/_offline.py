@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from ..backends import module_state
-from ..core import MergeSpec, resolve_weights
+from ..core import MergeSpec, merge_terms, resolve_weights
 from ..errors import PMAStateError
+from ..kernels import BLOCK, decode_deltas, delta_segments, merge_decoded
 from ..state import SavedTensors, StateHeader, has_index, read_entries, unflatten
 from ._atomic import ExportError
 from ._sources import read_dcp_tensor
@@ -98,6 +99,7 @@ class OfflineSource:
         self, header: StateHeader, method: str | None, last: int | None, stride: int | None
     ) -> None:
         self.order = header.merge_order()
+        self.compression = header.compression
         if not self.order:
             raise ExportError(f"{self.source}: the PMA state holds no valid snapshot")
         self.averaged = set(header.names or ()) | set(self._saved_as if self.saved else ())
@@ -116,6 +118,7 @@ class OfflineSource:
             self.weights = [1.0]
             return
         weights = resolve_weights(len(self.order), spec, saved["ema_alpha"])
+        self.terms = merge_terms(header.records, weights)
         used = [(slot, w) for slot, w in zip(self.order, weights) if w != 0]
         self.order, self.weights = [slot for slot, _ in used], [w for _, w in used]
 
@@ -142,7 +145,8 @@ class OfflineSource:
             if self.saved is not None:
                 shape, dtype = self.saved.shapes[self._saved_as[name]], self.saved.dtype
             elif self._averaged(name):
-                shape, dtype = self.pma_tensors[f"slots.0.{name}"]
+                first = "slots.0" if self.compression == "none" else "base"
+                shape, dtype = self.pma_tensors[f"{first}.{name}"]
             else:
                 shape, dtype = self.all_tensors[self._key(name)]
             if tuple(shape) != tuple(tensor.shape):
@@ -172,6 +176,8 @@ class OfflineSource:
 
     def _merge(self, name: str) -> torch.Tensor:
         """The weighted sum of the saved slots, in the order and precision the Merger uses."""
+        if self.compression != "none":
+            return self._merge_compressed(name)
         acc = None
         for value, weight in zip(self._slots(name), self.weights):
             if acc is None:
@@ -179,3 +185,27 @@ class OfflineSource:
             else:
                 acc.add_(value, alpha=weight)
         return acc
+
+    def _merge_compressed(self, name: str) -> torch.Tensor:
+        """W * base - sum_k P_k * delta_k with the Merger's roundings."""
+        total, terms = self.terms
+        keys = ["base", *(f"deltas.{k}" for k, _ in terms)]
+        if self.saved is not None:
+            base, *deltas = self.saved.read(self._saved_as[name], keys)
+        else:
+            base, *deltas = [self._dcp_plane(key, name) for key in keys]
+        return merge_decoded(base, total, [(d.float(), c) for d, (_, c) in zip(deltas, terms)])
+
+    def _dcp_plane(self, key: str, name: str) -> torch.Tensor:
+        """A stored plane of a DCP checkpoint, whole; fp8 differences decoded with their
+        scales, whose blocks lie along the parameter's rows (or one per element)."""
+        fqn = f"{self.pma_key}.{key}.{name}"
+        value = read_dcp_tensor(self.source, fqn, *self.pma_tensors[f"{key}.{name}"])
+        if self.compression != "fp8" or not key.startswith("deltas."):
+            return value
+        scales_key = f"scales.{key.split('.', 1)[1]}.{name}"
+        scales = read_dcp_tensor(
+            self.source, f"{self.pma_key}.{scales_key}", *self.pma_tensors[scales_key]
+        )
+        block = 1 if tuple(scales.shape) == tuple(value.shape) else BLOCK
+        return decode_deltas("fp8", value, scales, delta_segments(value.shape, None, block))

@@ -4,8 +4,10 @@ sums and guarded lerps over groups of tensors, and where slots live (offload).
 Three implementations of the one-pass checked copy sit behind :func:`copy_checked`: a small
 compiled C++ kernel for CPU tensors (``_cpu``, built on first use from ``csrc/``), a Triton
 kernel for large CUDA tensors (``_triton``), and ``torch._foreach_*`` batches for the rest
-(``_fused``). :func:`unfused` turns the first two off for a while, so benchmarks and tests can
-compare them with torch's own kernels.
+(``_fused``). The compressed window's delta codes (``_codes``) encode a snapshot as its
+difference from a base and merge differences back, compiled on CPU too. :func:`unfused` turns
+the compiled and Triton kernels off for a while, so benchmarks and tests can compare them with
+torch's own.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from . import _cpu, _triton
+from ._codes import BLOCK, CODE_DTYPES, CODES, Segment, decode_elements, exps_shape
+from ._codes import decode as decode_deltas
+from ._codes import encode as encode_delta
+from ._codes import merge as merge_deltas
+from ._codes import merge_values as merge_decoded
+from ._codes import segments as delta_segments
 from ._fused import (
     CPU_BLOCK_NUMEL,
     DEVICE_BATCH_BYTES,
@@ -32,10 +40,14 @@ from ._fused import (
 from ._offload import STAGING_NUMEL, SideStreamCopy, chunks, empty_slot, slot_device
 
 __all__ = [
+    "BLOCK",
+    "CODES",
+    "CODE_DTYPES",
     "CPU_BLOCK_NUMEL",
     "DEVICE_BATCH_BYTES",
     "STAGING_NUMEL",
     "Runs",
+    "Segment",
     "SideStreamCopy",
     "Tensors",
     "all_finite",
@@ -43,11 +55,18 @@ __all__ = [
     "chunks",
     "copy_checked",
     "copy_group",
+    "decode_deltas",
+    "decode_elements",
+    "delta_segments",
     "device_groups",
     "empty_slot",
+    "encode_delta",
+    "exps_shape",
     "fold_group",
     "guarded_lerp",
     "lerp_group",
+    "merge_decoded",
+    "merge_deltas",
     "real_views",
     "slot_device",
     "unfused",

@@ -1,5 +1,6 @@
-"""One compiled kernel for CPU snapshots: copy a tensor into its slot and find any NaN/Inf in
-what was copied, in one pass over memory.
+"""Compiled kernels for CPU snapshots: copy a tensor into its slot and find any NaN/Inf in
+what was copied, in one pass over memory; and the compressed window's encode and merge passes
+(``csrc/delta_codes.cpp``, the same bits as the torch expressions of ``_codes``).
 
 Torch has no eager op that copies and reduces at once, so the blocked path of
 :func:`pma_dist.kernels.copy_checked` copies a cache-sized block, then sums it (1.3-1.5x the
@@ -10,7 +11,7 @@ It serves snapshots of weights that live on the CPU: DeepSpeed's fp32 master wei
 
 It is built on first use with ``torch.utils.cpp_extension`` (as DeepSpeed builds its CPU Adam;
 about 10 s, needs a C++ compiler and ninja) into ``$TORCH_EXTENSIONS_DIR/pma_dist``, under a
-name that hashes the source and the torch version, and imported from there by later processes
+name that hashes the sources and the torch version, and imported from there by later processes
 without a build step. Builds hold an ``flock`` (released if the builder dies), so a rank
 killed mid-build leaves no lock behind that would stall the next run. ``pma-dist build-kernel``
 builds it ahead of a run. When it cannot be built, a warning says why once and the blocked path
@@ -35,8 +36,9 @@ import torch
 
 log = logging.getLogger("pma_dist")
 
-SOURCE = Path(__file__).with_name("csrc") / "copy_finite.cpp"
-FLAGS = ("-O3", "-fopenmp")
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "copy_finite.cpp", CSRC / "delta_codes.cpp")
+FLAGS = ("-O3", "-fopenmp", "-ffp-contract=off")
 enabled = True
 """Set False to keep every CPU copy on the blocked path (benchmarks compare the two)."""
 BUILD_WAIT_S = 600.0
@@ -81,6 +83,82 @@ def copy_finite(dst: torch.Tensor, src: torch.Tensor) -> bool:
     return kernel(dst.data_ptr(), src.data_ptr(), dst.numel())
 
 
+_ENCODERS = {
+    ("bf16", torch.float32): "encode_bf16_float32",
+    ("bf16", torch.bfloat16): "encode_bf16_bfloat16",
+    ("fp8", torch.float32): "encode_fp8_float32",
+    ("fp8", torch.bfloat16): "encode_fp8_bfloat16",
+}
+"""Encode kernel per (code, live dtype); the base is float32."""
+
+
+def suits_code(code: str, base: torch.Tensor, live: torch.Tensor | None = None) -> bool:
+    """Whether the compressed window's passes over ``base`` (and ``live``) go through the
+    kernels: contiguous CPU tensors, a float32 base, a float32 or bfloat16 live tensor."""
+    return (
+        enabled
+        and base.device.type == "cpu"
+        and base.dtype == torch.float32
+        and base.is_contiguous()
+        and (
+            live is None
+            or live.device.type == "cpu"
+            and (code, live.dtype) in _ENCODERS
+            and live.is_contiguous()
+            and live.numel() == base.numel()
+        )
+        and _module() is not None
+    )
+
+
+def encode(
+    code: str,
+    base: torch.Tensor,
+    live: torch.Tensor,
+    delta: torch.Tensor,
+    exps: torch.Tensor | None,
+    rows: int,
+    row: int,
+    block: int,
+) -> bool:
+    """The encode pass of ``_codes.encode`` over contiguous flat views that :func:`suits_code`;
+    True when every element was finite."""
+    if base.numel() == 0:
+        return True
+    kernel = getattr(_module(), _ENCODERS[code, live.dtype])
+    if code == "bf16":
+        return kernel(base.data_ptr(), live.data_ptr(), delta.data_ptr(), base.numel())
+    return kernel(
+        base.data_ptr(), live.data_ptr(), delta.data_ptr(), exps.data_ptr(), rows, row, block
+    )
+
+
+def merge(
+    code: str,
+    out: torch.Tensor,
+    base: torch.Tensor,
+    weight: float,
+    planes: list[tuple[torch.Tensor, torch.Tensor | None, float]],
+    rows: int,
+    row: int,
+    block: int,
+) -> None:
+    """The merge pass of ``_codes.merge`` into a contiguous float32 ``out`` (which may be
+    ``base`` itself) over flat views that :func:`suits_code`."""
+    if base.numel() == 0:
+        return
+    deltas = [d.data_ptr() for d, _, _ in planes]
+    coeffs = [float(c) for _, _, c in planes]
+    module = _module()
+    if code == "bf16":
+        module.merge_bf16(out.data_ptr(), base.data_ptr(), weight, deltas, coeffs, base.numel())
+    else:
+        exps = [e.data_ptr() for _, e, _ in planes]
+        module.merge_fp8(
+            out.data_ptr(), base.data_ptr(), weight, deltas, exps, coeffs, rows, row, block
+        )
+
+
 def build_directory() -> Path:
     """Where the kernel is built and found: ``$TORCH_EXTENSIONS_DIR/pma_dist`` (by default
     ``~/.cache/torch_extensions/pma_dist``)."""
@@ -90,7 +168,7 @@ def build_directory() -> Path:
 
 def module_name() -> str:
     """The extension's name: a new source, flag set, torch or Python version is a new build."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
     digest.update(" ".join((*FLAGS, torch.__version__, sys.version)).encode())
     return f"pma_dist_copy_finite_{digest.hexdigest()[:16]}"
 
@@ -125,7 +203,7 @@ def _module() -> ModuleType | None:
             log.info("pma_dist: building the CPU copy kernel once, in %s", directory)
             return cpp_extension.load(
                 name,
-                [str(SOURCE)],
+                [str(source) for source in SOURCES],
                 extra_cflags=list(FLAGS),
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(directory),

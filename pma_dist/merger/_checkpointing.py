@@ -113,7 +113,7 @@ class Checkpointing:
         if checked is not None and checked[0] == Path(directory).resolve():
             plan = checked[1]
         else:
-            plan = plan_files(Path(directory), self.backend, self.header())
+            plan = plan_files(Path(directory), self.backend, self.header(), self._state)
         plan.apply(self._state)
         self._restore(plan.header)
 
@@ -121,7 +121,7 @@ class Checkpointing:
         """Raise ``PMAStateError`` unless :meth:`load` would succeed; changes nothing. What it
         read is kept for a :meth:`load` of the same directory that follows, so checking first
         (as the DeepSpeed integration does before the engine loads) reads the state once."""
-        plan = plan_files(Path(directory), self.backend, self.header())
+        plan = plan_files(Path(directory), self.backend, self.header(), self._state)
         self._checked_load = (Path(directory).resolve(), plan)
 
     def check_replicas(self) -> None:

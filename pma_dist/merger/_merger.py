@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..backends import Backend, select_backend, unwrap_optimizer
+from ..backends import Backend, Shard, select_backend, unwrap_optimizer
 from ..config import PMAConfig
-from ..core import SnapshotSchedule, WindowAverage, state_for
+from ..core import SnapshotSchedule, state_for
+from ..kernels import BLOCK
 from ._checkpointing import Checkpointing
 from ._nonfinite import NonFiniteGuard
 from ._readouts import Readouts
@@ -63,7 +64,8 @@ class Merger(Readouts, Checkpointing):
         self.buffer_names = [s.name for s in shards if s.buffer]
         """The names that are module buffers."""
         self.global_shapes = [list(s.global_shape) for s in shards]
-        self._state = state_for(self.config, [s.local for s in shards], [s.runs for s in shards])
+        like, runs = [s.local for s in shards], [s.runs for s in shards]
+        self._state = state_for(self.config, like, runs, [delta_block(s) for s in shards])
         self._swap_active = False
         self._extensions = {}
         self._unclaimed = {}
@@ -133,7 +135,7 @@ class Merger(Readouts, Checkpointing):
         shards = [s.local for s in self.backend.shards()]
         steps, tokens = self.schedule.steps_seen, self.schedule.tokens_seen
         seq = self._state.next_seq
-        if isinstance(self._state, WindowAverage):
+        if self._state.mode == "window":
             verdict = self._state.snapshot(shards, steps, tokens, check=self._guard.checking)
             held = self._state.window
         else:
@@ -157,7 +159,7 @@ class Merger(Readouts, Checkpointing):
         """Leave every snapshot taken at ``since_step`` or later out of all later merges (a
         trajectory abandoned by a loss-spike rollback); later snapshots take their slots first.
         Window mode only. The dropped ``(step, tokens)``, oldest first."""
-        if not isinstance(self._state, WindowAverage):
+        if self._state.mode != "window":
             raise ValueError("drop_snapshots needs window mode (pma.window = N)")
         return [(r.step, r.tokens) for r in self._state.drop_since(since_step)]
 
@@ -174,3 +176,13 @@ class Merger(Readouts, Checkpointing):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def delta_block(shard: Shard) -> int:
+    """Elements per fp8 block along the rows of ``shard`` (``pma.compression = "fp8"``): 128,
+    or 1 where a checkpoint could reshard a row across ranks (the last dimension split, a
+    1-D tensor), so that a DCP checkpoint lays the scales out like the parameter."""
+    if shard.checkpoint_view is None:
+        return BLOCK
+    rows_whole = shard.local.dim() >= 2 and shard.local.shape[-1] == shard.global_shape[-1]
+    return BLOCK if rows_whole else 1

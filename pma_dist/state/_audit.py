@@ -37,7 +37,7 @@ def check_replicas(
     rows = []
     for i, shard in enumerate(backend.shards()):
         layout = _digest(repr([(f.param, f.start, f.numel) for f in shard.fragments]))
-        rows.append((layout, _digest(repr([bit_checksum(slot[i]) for slot in state.slots])), rank))
+        rows.append((layout, _digest(repr([bit_checksum(t) for t in state.planes(i)])), rank))
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
     received = comm.route(table, [layout % world for layout, _, _ in rows], group)
     summary_text = repr((counts, state.state_dict()))

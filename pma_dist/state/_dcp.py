@@ -18,7 +18,9 @@ from ._format import StateHeader
 
 
 def dcp_state(backend: Backend, state: AveragingState, header: StateHeader) -> dict[str, Any]:
-    """The state dict DCP saves: the header's flat form and ``slots.<k>.<name>`` tensors."""
+    """The state dict DCP saves: the header's flat form and the stored planes, each tensor laid
+    out like its parameter (``slots.<k>.<name>``; compressed: ``base``, ``deltas.<k>``,
+    ``scales.<k>``)."""
     state.wait_host()
     shards = backend.shards()
     if any(s.checkpoint_view is None for s in shards):
@@ -26,50 +28,69 @@ def dcp_state(backend: Backend, state: AveragingState, header: StateHeader) -> d
             f"{type(backend).__name__} shards have no DCP form; save the averaging state with "
             "Merger.save(directory) (or the engine's save_checkpoint)"
         )
-    slots = {
-        str(k): {s.name: s.checkpoint_view(buf) for s, buf in zip(shards, slot)}
-        for k, slot in enumerate(state.slots)
-    }
-    return {**header.to_flat(), "slots": slots}
+    out = header.to_flat()
+    for key, plane in state.stored():
+        entry = {s.name: s.checkpoint_view(t) for s, t in zip(shards, plane)}
+        _nest(out, key, entry)
+    return out
 
 
 def load_dcp_state(
     saved: Mapping[str, Any], state: AveragingState, ours: StateHeader
 ) -> StateHeader:
-    """Copy the slots of a loaded DCP state dict into ``state``; the saved header.
+    """Copy the stored planes of a loaded DCP state dict into ``state``; the saved header.
 
-    Everything is checked before a slot changes. Format 1 saved no buffers: their slots are
+    Everything is checked before a plane changes. Format 1 saved no buffers: their slots are
     left for :func:`buffers_from_live`.
     """
-    missing = [k for k in ("meta", "count", "slots", "schedule") if k not in saved]
+    missing = [k for k in ("meta", "count", "schedule") if k not in saved]
     if missing:
         raise PMAStateError(f"PMA state lacks {missing}: not a Merger.state_dict()")
     header = StateHeader.from_flat(saved, "Merger.load_state_dict")
     header.check_matches(ours, "Merger.load_state_dict")
+    if header.compression != ours.compression:
+        raise PMAStateError(
+            f"Merger.load_state_dict: PMA state was saved with pma.compression = "
+            f"{header.compression!r}, this Merger keeps {ours.compression!r}; a DCP checkpoint "
+            "loads into the same kind (per-rank files, Merger.save/load, convert between them)"
+        )
     names = [n for n in ours.names if header.format > 1 or n not in ours.buffers]
-    try:
-        sources = [
-            [_local(saved["slots"][str(k)][name]) for name in names]
-            for k in range(len(state.slots))
-        ]
-    except KeyError as missing_key:
-        raise PMAStateError(f"PMA state is incomplete: no slot entry {missing_key}") from None
     index = {name: i for i, name in enumerate(ours.names)}
-    targets = [[slot[index[n]] for n in names] for slot in state.slots]
-    for k, (slot, srcs) in enumerate(zip(targets, sources)):
-        for name, dst, src in zip(names, slot, srcs):
+    pairs = []
+    for key, plane in state.stored():
+        try:
+            entry = _lookup(saved, key)
+            sources = [_local(entry[name]) for name in names]
+        except KeyError as missing_key:
+            raise PMAStateError(f"PMA state is incomplete: no entry {missing_key}") from None
+        for name, src in zip(names, sources):
+            dst = plane[index[name]]
             if tuple(src.shape) != tuple(dst.shape):
                 raise PMAStateError(
-                    f"PMA state slot {k}, {name!r}: local shape {tuple(src.shape)}, this rank "
+                    f"PMA state {key}, {name!r}: local shape {tuple(src.shape)}, this rank "
                     f"expects {tuple(dst.shape)}"
                 )
+            pairs.append((dst, src))
     state.wait_host()
     with torch.no_grad():
-        for slot, srcs in zip(targets, sources):
-            for dst, src in zip(slot, srcs):
-                if src.data_ptr() != dst.data_ptr() or src.numel() == 0:
-                    dst.copy_(src)
+        for dst, src in pairs:
+            if src.data_ptr() != dst.data_ptr() or src.numel() == 0:
+                dst.copy_(src)
     return header
+
+
+def _nest(out: dict[str, Any], key: str, value: Any) -> None:
+    """``out[a][b] = value`` for ``key = "a.b"``."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        out = out.setdefault(part, {})
+    out[leaf] = value
+
+
+def _lookup(saved: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    for part in key.split("."):
+        saved = saved[part]
+    return saved
 
 
 def buffers_from_live(backend: Backend, state: AveragingState) -> None:

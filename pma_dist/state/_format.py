@@ -1,18 +1,24 @@
 """The declared layout of saved averaging state: :class:`StateHeader`, everything but the slot
 tensors, in one place for the Merger, the per-rank files, offline export and ``inspect``.
 
-Format 2, the one written: ``meta`` (``format``, ``mode``, ``window``, ``running_method``,
-``config``, the averaged tensors' ``names`` and ``shapes``, parameters then buffers, and which of
-them are ``buffers``), then ``count`` (snapshots taken), ``records`` (per physical slot
-``[seq, step, tokens, valid]`` or None, see :class:`~pma_dist.core.SlotRecord`),
+Format 3, the one written: ``meta`` (``format``, ``mode``, ``window``, ``running_method``,
+``compression``, ``config``, the averaged tensors' ``names`` and ``shapes``, parameters then
+buffers, and which of them are ``buffers``), then ``count`` (snapshots taken), ``records``
+(per physical slot ``[seq, step, tokens, valid]`` or None, see
+:class:`~pma_dist.core.SlotRecord`),
 ``num_skipped``, ``skip_streak`` (non-finite snapshots in a row), ``schedule`` and, when a
 Merger has extensions (a merge monitor), ``extensions`` (their state as one JSON string, so that
 DCP and the per-rank index hold it as one plain value); and, derived
 from the records for readers that know format 1 only, ``head`` (where the next snapshot goes)
 and ``history`` (``[step, tokens]`` of the merged snapshots, oldest first).
 
-Format 1 had no records (the ring order came from ``count`` and ``head``), no skip streak and no
-buffers; it still loads, its buffers then start from the live values (the loader warns).
+A compressed window (``compression`` other than ``"none"``) stores ``base`` and ``deltas.<k>``
+planes (and ``scales.<k>`` for fp8) instead of ``slots.<k>``; its ``records[0]`` is the oldest
+snapshot, which has no plane of its own (:class:`~pma_dist.core.CompressedWindow`).
+
+Format 2 is format 3 without ``compression`` (every window was uncompressed). Format 1 had no
+records (the ring order came from ``count`` and ``head``), no skip streak and no buffers; it
+still loads, its buffers then start from the live values (the loader warns).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import COMPRESSIONS
 from ..core import (
     SlotRecord,
     merge_order,
@@ -32,9 +39,9 @@ from ..core import (
 )
 from ..errors import PMAStateError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The layout written."""
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 """Layouts that load."""
 
 
@@ -81,6 +88,8 @@ class StateHeader:
     """The JSON state of each extension (:meth:`Merger.add_extension`), by name."""
     format: int = FORMAT_VERSION
     """The layout version it was read from (written: always :data:`FORMAT_VERSION`)."""
+    compression: str = "none"
+    """How the window's snapshots are stored (``PMAConfig.compression``)."""
 
     @classmethod
     def describe(cls, config, state, names, shapes, buffers, **counters: Any) -> StateHeader:
@@ -97,6 +106,7 @@ class StateHeader:
             buffers=list(buffers),
             count=state.count,
             records=list(state.records),
+            compression=config.compression,
             **counters,
         )
 
@@ -115,6 +125,7 @@ class StateHeader:
             "mode": self.mode,
             "window": self.window,
             "running_method": self.running_method,
+            "compression": self.compression,
             "config": dict(self.config),
             "buffers": list(self.buffers),
         }
@@ -152,6 +163,7 @@ class StateHeader:
                 num_skipped=int(flat["num_skipped"]),
                 schedule=dict(flat["schedule"]),
                 format=version,
+                compression=str(meta.get("compression", "none")),
             )
             if version == 1:
                 header.records = _records_v1(flat, header.num_slots)
@@ -163,6 +175,11 @@ class StateHeader:
             raise
         except (KeyError, TypeError, ValueError) as err:
             raise PMAStateError(f"{where}: PMA state header is malformed ({err!r})") from None
+        if header.compression not in COMPRESSIONS:
+            raise PMAStateError(
+                f"{where}: PMA state compression {header.compression!r}; this pma_dist reads "
+                f"{', '.join(COMPRESSIONS)}"
+            )
         if len(header.records) != header.num_slots or header.count < 0 or header.skip_streak < 0:
             raise PMAStateError(
                 f"{where}: {len(header.records)} slot records and count {header.count} for a "

@@ -14,8 +14,10 @@ import torch.distributed as dist
 
 from ..backends import Backend
 from ..core import AveragingState
+from ..errors import PMAStateError
 from ._format import StateHeader
-from ._indexed import IndexedLoad, has_index, plan_indexed, write_indexed
+from ._indexed import has_index, write_indexed
+from ._indexed_load import IndexedLoad, plan_indexed
 from ._legacy import FILE_GLOB, apply_copies, file_header, read_rank_files
 from ._runs import Copy, SavedRuns, plan_copies
 
@@ -32,7 +34,8 @@ def save_files(
     tensor names (ZeRO flat groups, say)."""
     header = replace(header, names=None, shapes=None)
     state.wait_host()
-    return write_indexed(directory, header, backend.shards(), state.slots, group)
+    shards, planes = backend.shards(), state.stored()
+    return write_indexed(directory, header, shards, planes, group, state.geometry())
 
 
 def has_files(directory: Path) -> bool:
@@ -57,16 +60,23 @@ class FileLoad:
                 apply_copies(self.files, self.copies, k, slot)
 
 
-def plan_files(directory: Path, backend: Backend, ours: StateHeader) -> FileLoad | IndexedLoad:
+def plan_files(
+    directory: Path, backend: Backend, ours: StateHeader, state: AveragingState
+) -> FileLoad | IndexedLoad:
     """Read and check what this rank needs of the save under ``directory`` (settings, every
     element of its tensors covered, checksums) without changing anything. An indexed save is
     read O(this rank's share); a save of earlier releases (``pma_rank*.pt`` files) is read
     whole."""
     if has_index(directory):
-        return plan_indexed(directory, backend.shards(), ours)
+        return plan_indexed(directory, backend.shards(), ours, state)
     files = read_rank_files(directory)
     header = file_header(files[0], str(directory))
     header.check_matches(ours, str(directory))
+    if ours.compression != "none":
+        raise PMAStateError(
+            f"{directory}: an uncompressed PMA state of an earlier release; this Merger keeps "
+            f"pma.compression = {ours.compression!r}"
+        )
     shards = backend.shards()
     skip = {i for i, s in enumerate(shards) if s.buffer and header.format == 1}
     return FileLoad(files, plan_copies(SavedRuns.of(files), shards, skip=skip), header)

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 
 from ..backends import Fragment, Shard
+from ..kernels import decode_elements
 from ._format import StateHeader
-from ._indexed import RankFileReader, file_name, read_index, saved_runs, tensor_name
+from ._indexed import file_name, read_index, saved_runs, tensor_name
+from ._indexed_load import RankFileReader
 from ._runs import plan_copies
 
 
@@ -36,15 +38,18 @@ class SavedTensors:
         """Every saved tensor's global shape, in the order first saved."""
         self._readers: dict[int, RankFileReader] = {}
 
-    def read(self, name: str, slots: Sequence[int]) -> list[torch.Tensor]:
-        """Tensor ``name`` as saved in each of ``slots``, whole; ``PMAStateError`` if an
-        element is missing or a chunk fails its checksum."""
+    def read(self, name: str, slots: Sequence[int | str]) -> list[torch.Tensor]:
+        """Tensor ``name`` as saved in each of ``slots`` (slot numbers, or stored planes' keys:
+        ``base``, ``deltas.<k>``), whole; fp8 differences come decoded to float32 with their
+        block scales. ``PMAStateError`` if an element is missing or a chunk fails its
+        checksum."""
         shape = self.shapes[name]
         numel = math.prod(shape)
         whole = Shard(name, torch.empty(0), shape, None, (Fragment(name, shape, 0, numel),))
         by_file = defaultdict(list)
         for copy in plan_copies(self._runs, [whole]):
             by_file[copy.file].append(copy)
+        fp8 = self.header.compression == "fp8"
         out: list[torch.Tensor | None] = [None] * len(slots)
         for file, copies in by_file.items():
             reader = self._reader(file)
@@ -54,8 +59,14 @@ class SavedTensors:
                     got = reader.read(
                         tensor_name(slot, src_shard), [(c.src, c.numel) for c in mine]
                     )
+                    decode = fp8 and isinstance(slot, str) and slot.startswith("deltas.")
+                    if decode:
+                        scales = reader.whole(tensor_name(f"scales.{slot[7:]}", src_shard))
+                        segments = reader.geometry(src_shard)
                     for c in mine:
                         piece = reader.slice(got, c.src, c.numel)
+                        if decode:
+                            piece = decode_elements(piece, scales, segments, c.src)
                         if out[i] is None:
                             out[i] = torch.empty(numel, dtype=piece.dtype)
                         out[i][c.dst : c.dst + c.numel] = piece

@@ -6,6 +6,7 @@ pma_dist's weight functions, so a shared mistake cannot make both sides agree.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -43,6 +44,25 @@ def merge_reference(
         else:
             raise ValueError(method)
     return out
+
+
+DECAYS = {
+    "linear": lambda x: 1.0 - x,
+    "cosine": lambda x: (1.0 + math.cos(math.pi * x)) / 2.0,
+    "minus_sqrt": lambda x: 1.0 - math.sqrt(x),
+}
+"""The learning-rate decays of the decay-shaped merges (WSM), from f(0) = 1 to f(1) = 0."""
+
+
+def reference_weights(method: str, n: int, alpha: float = 0.2) -> list[float]:
+    """The weight of each of ``n`` snapshots (oldest first) in a ``method`` merge, from the
+    definitions: :func:`merge_reference` of one-hot snapshots, or, for a decay-shaped merge,
+    c_k = f((k - 1) / n) - f(k / n) (the window's updates replayed under the decay f)."""
+    if method in DECAYS:
+        f = DECAYS[method]
+        return [f((k - 1) / n) - f(k / n) for k in range(1, n + 1)]
+    basis = [{"e": torch.eye(n, dtype=torch.float64)[j]} for j in range(n)]
+    return merge_reference(basis, method, alpha)["e"].tolist()
 
 
 def window_reference(

@@ -48,6 +48,8 @@ class Plan:
     """Snapshots held (None: running mode, one slot)."""
     offload: str
     """Where the slots live: ``"none"`` (beside the parameters) or ``"cpu"``."""
+    compression: str
+    """How the window stores its snapshots (``PMAConfig.compression``)."""
     experts_dim: int
     """The dimension grouped-expert tensors are sharded on."""
     total_params: int
@@ -55,7 +57,8 @@ class Plan:
     local_params: int
     """Parameter elements this rank holds (its shards, padding excluded)."""
     state_bytes_per_rank: int
-    """Averaging-state bytes this rank holds (all slots, in fp32)."""
+    """Averaging-state bytes this rank holds (all slots in fp32, or a compressed window's base,
+    differences and scales)."""
     snapshot_bytes_per_rank: int
     """Bytes one snapshot reads and writes on this rank (window: read the shard, write a slot;
     running: read the shard and the slot, write the slot)."""
@@ -129,7 +132,13 @@ def meta_model(config: dict[str, Any]) -> nn.Module:
 
 @contextmanager
 def simulated_merger(
-    model: str, world: int, replicas: int, rank: int, window: int | None, experts_dim: int
+    model: str,
+    world: int,
+    replicas: int,
+    rank: int,
+    window: int | None,
+    experts_dim: int,
+    compression: str = "none",
 ) -> Iterator[Any]:
     """A Merger on ``model`` (see :func:`model_config`) on the meta device, sharded with FSDP2
     as rank ``rank`` of ``world`` shards it (HSDP with ``replicas`` replica groups), inside the
@@ -158,7 +167,8 @@ def simulated_merger(
                 "this process (equal meshes are shared): simulate one rank per process"
             )
         # Slots stay on the meta device whatever the offload setting: their bytes are the same.
-        yield Merger(module, None, PMAConfig(window=window, interval_steps=1))
+        config = PMAConfig(window=window, interval_steps=1, compression=compression)
+        yield Merger(module, None, config)
 
 
 def plan(
@@ -171,6 +181,7 @@ def plan(
     offload: str = "none",
     max_shard_size: int = 5 * 10**9,
     experts_dim: int = 1,
+    compression: str = "none",
 ) -> Plan:
     """The per-rank figures of a Merger on ``model`` sharded over ``world`` ranks. Three-
     dimensional (grouped-expert) tensors are sharded on ``experts_dim`` (1: within each
@@ -180,12 +191,17 @@ def plan(
             f"--world {world} --replicas {replicas} --rank {rank}: need world >= 1 divisible by "
             "replicas, and 0 <= rank < world"
         )
-    with simulated_merger(model, world, replicas, rank, window, experts_dim) as merger:
+    simulated = simulated_merger(model, world, replicas, rank, window, experts_dim, compression)
+    with simulated as merger:
         shards = [s for s in merger.backend.shards() if not s.buffer]
         real = [sum(f.numel for f in s.fragments) for s in shards]
         slot = sum(real) * 4
         live = sum(n * s.local.element_size() for n, s in zip(real, shards))
         reads = 1 if window else 2
+        moved, resumed = live + slot * reads, slot * (window or 1)
+        if compression != "none":
+            written = (merger.state_bytes - slot) // max(window - 1, 1)  # one difference
+            moved, resumed = live + 2 * slot + written, merger.state_bytes
         total = sum(math.prod(s.global_shape) for s in shards)
         largest = max(math.prod(s.global_shape) for s in shards) * 4
         return Plan(
@@ -195,12 +211,13 @@ def plan(
             rank=rank,
             window=window,
             offload=offload,
+            compression=compression,
             experts_dim=experts_dim,
             total_params=total,
             local_params=sum(real),
             state_bytes_per_rank=merger.state_bytes,
-            snapshot_bytes_per_rank=live + slot * reads,
-            resume_read_bytes_per_rank=slot * (window or 1),
+            snapshot_bytes_per_rank=moved,
+            resume_read_bytes_per_rank=resumed,
             export_peak_bytes_per_rank=largest + max_shard_size,
             suggested_interval_tokens=suggested_interval_tokens(total),
         )

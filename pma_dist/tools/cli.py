@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .. import __version__
-from ..config import METHODS, PMAConfig, PMAConfigError
+from ..config import COMPRESSIONS, METHODS, PMAConfig, PMAConfigError
 from ..export import ExportError
 
 
@@ -84,6 +84,7 @@ def _plan(args: argparse.Namespace) -> int:
         window=window,
         offload=args.offload,
         experts_dim=args.experts_dim,
+        compression=args.compression,
     )
     print(json.dumps(asdict(result), indent=2) if args.json else describe(result))
     return 0
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--replicas", type=int, default=1, help="HSDP replica groups")
     planner.add_argument("--rank", type=int, default=0, help="the rank to simulate")
     planner.add_argument("--window", type=_window, default="10", help="N, or 'running'")
+    planner.add_argument(
+        "--compression", choices=COMPRESSIONS, default="none", help="how the window is stored"
+    )
     planner.add_argument("--offload", choices=["none", "cpu"], default="none")
     planner.add_argument(
         "--experts-dim", type=int, choices=[0, 1], default=1,

@@ -188,3 +188,16 @@ def assembled_fp32(engine) -> dict[str, torch.Tensor]:
     missing = [n for n, s in seen.items() if not bool(s.all())]
     assert not missing, f"fragments do not cover {missing}"
     return {name: flat.view(shapes[name]) for name, flat in full.items()}
+
+
+def moe_run(rank: int, world_size: int, pma: dict, steps: int = 4) -> dict:
+    """A DeepSpeed MoE engine (expert parallel over 2 ranks) trained ``steps`` steps: every
+    snapshot's fp32 masters under global names, and the merge (on rank 0; {} elsewhere)."""
+    engine = make_moe_engine(world_size, ep_size=2, pma=pma)
+    snapshots = []
+    for step in range(steps):
+        moe_step(engine, step, rank, world_size)
+        snapshots.append(gathered_fp32(engine))
+    with engine.pma.swapped():
+        merged = gathered_fp32(engine)
+    return {"snapshots": snapshots, "merged": merged} if rank == 0 else {}

@@ -1,6 +1,6 @@
 // Copy a CPU tensor into its slot and report whether every element copied is finite, in one
 // pass over memory: each element's exponent bits are tested as it is copied (all ones means
-// NaN or Inf), so the check reads nothing twice. Built by pma_dist/cpu_kernels.py, which checks
+// NaN or Inf), so the check reads nothing twice. Built by pma_dist/kernels/_cpu.py, which checks
 // dtypes, devices, sizes and contiguity before passing raw addresses here.
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
@@ -35,6 +35,8 @@ bool copy_finite(std::intptr_t dst, std::intptr_t src, std::int64_t numel) {
 
 }  // namespace
 
+void register_delta_codes(pybind11::module_& module);  // delta_codes.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   module.def("float64", &copy_finite<std::uint64_t, std::uint64_t, 0x7FF0000000000000ull, 0>,
@@ -45,4 +47,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // bfloat16 is the upper half of a float32: widening is a shift, exact.
   module.def("bfloat16_to_float32", &copy_finite<std::uint16_t, std::uint32_t, 0x7F80u, 16>,
              release());
+  register_delta_codes(module);
 }
