@@ -13,7 +13,7 @@ BASE := $(VENV)/.pma-base
 DEMO := $(VENV)/.pma-demo
 DEV := $(VENV)/.pma-dev
 
-.PHONY: setup test lint demo demo-full quickstart bench clean
+.PHONY: setup test lint demo demo-full quickstart bench gpu-check clean
 
 setup: $(DEV)
 
@@ -39,8 +39,8 @@ $(DEV): $(BASE)
 	@touch $@ $(DEMO)
 
 lint: $(DEV)
-	$(PY) -m ruff check pma_dist tests benchmarks launch
-	$(PY) -m ruff format --check pma_dist tests benchmarks launch
+	$(PY) -m ruff check pma_dist tests benchmarks launch tools
+	$(PY) -m ruff format --check pma_dist tests benchmarks launch tools
 
 # Test ranks run with uninitialized memory filled with NaN (pma_dist/testing/_ranks.py).
 test: lint
@@ -66,6 +66,10 @@ bench: $(DEV)
 	$(PY) -m benchmarks.scale_plan --out bench_results/scale_plan.json
 	$(PY) -m benchmarks.compressed_window --out bench_results/compressed.json
 	DS_ACCELERATOR=cpu $(PY) -m benchmarks.deepspeed_overhead --out bench_results/deepspeed.json
+
+# On a machine with one CUDA GPU: the accelerator path checked from this tree, nothing installed.
+gpu-check:
+	PYTHON=$(PYTHON) bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) bench_results runs .pytest_cache .ruff_cache

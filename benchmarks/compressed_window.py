@@ -17,6 +17,7 @@ exact ring, timed in turns (:func:`benchmarks.common.interleaved_medians`).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import warnings
 
@@ -115,7 +116,7 @@ def accuracy(snapshots: int, checks: tuple[int, ...], warm: int) -> dict:
 class Matrices(torch.nn.Module):
     """About ``numel`` parameters as a model holds most of them: matrices of rows of 4096."""
 
-    def __init__(self, numel: int) -> None:
+    def __init__(self, numel: int, device: torch.device) -> None:
         super().__init__()
         rows = [4096, 1024, 4096, 2048]
         sizes, left, i = [], numel, 0
@@ -125,12 +126,12 @@ class Matrices(torch.nn.Module):
             left -= count * 4096
             i += 1
         self.weights = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.randn(r, 4096) * 0.02) for r in sizes
+            torch.nn.Parameter(torch.randn(r, 4096, device=device) * 0.02) for r in sizes
         )
 
 
-def speed(millions: int, repeats: int) -> dict:
-    shard = Matrices(millions * 1_000_000)
+def speed(millions: int, repeats: int, device: torch.device) -> dict:
+    shard = Matrices(millions * 1_000_000, device)
     params = [p.detach() for p in shard.parameters()]
     copies = [torch.empty_like(p) for p in params]
     mergers = {
@@ -148,9 +149,12 @@ def speed(millions: int, repeats: int) -> dict:
     for kind, merger in mergers.items():
         cases[f"snapshot {kind}"] = merger.snapshot
         cases[f"merge {kind}"] = lambda m=merger: m.merged_shards("sma")
-    t = interleaved_medians(cases, torch.device("cpu"), repeats)
+    t = interleaved_medians(cases, device, repeats)
+    copy_bytes = 2 * sum(p.numel() * 4 for p in params)
     return {
         "params_millions": millions,
+        "device": str(device),
+        "copy_GBps": copy_bytes / t["foreach_copy"] / 1e9,
         "seconds": t,
         "snapshot_vs_copy": {k: t[f"snapshot {k}"] / t["foreach_copy"] for k in mergers},
         "merge_vs_exact": {k: t[f"merge {k}"] / t["merge exact"] for k in mergers},
@@ -215,13 +219,25 @@ def main() -> None:
     parser.add_argument("--warm-steps", type=int, default=100, help="steps before the first")
     parser.add_argument("--params-millions", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--device", default="cpu", help="where the speed part runs (cuda)")
+    parser.add_argument("--speed-only", action="store_true", help="skip the accuracy part")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    device = torch.device(args.device)
+    fast = speed(args.params_millions, args.repeats, device)
+    if args.speed_only:
+        print(
+            json.dumps(
+                {k: fast[k] for k in ("device", "copy_GBps", "snapshot_vs_copy", "merge_vs_exact")}
+            )
+        )
+        save_figures(args.out, {"speed": fast})
+        return
     checks = (min(20, args.snapshots), args.snapshots)
     result = {
         "checks": checks,
         "accuracy": accuracy(args.snapshots, checks, args.warm_steps),
-        "speed": speed(args.params_millions, args.repeats),
+        "speed": fast,
     }
     result["misses"] = misses(result)
     print(table(result))

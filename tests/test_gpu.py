@@ -14,6 +14,7 @@ from pma_dist.testing import (
     window_reference,
 )
 from tests.support.models import full_state, make_model
+from tests.support.probes import no_host_sync
 
 pytestmark = pytest.mark.gpu
 
@@ -142,14 +143,16 @@ def test_device_slots_are_copied_and_checked_by_the_triton_kernel(monkeypatch) -
     model = make_model().cuda()
     model.big = torch.nn.Parameter(torch.randn(triton_kernels.MIN_NUMEL * 3 + 7, device="cuda"))
     merger = Merger(model, None, PMAConfig(window=3, interval_steps=1))
-    assert merger.snapshot()
+    with no_host_sync():
+        assert merger.snapshot()
     assert launched == [(1, True)], launched
     params = dict(model.named_parameters())
     for name, slot in zip(merger.names, merger._state.slots[0]):
         assert torch.equal(slot, params[name].detach()), name
     with torch.no_grad():
         model.big[-1] = float("nan")
-    merger.snapshot()
+    with no_host_sync():
+        merger.snapshot()
     merger.agree()
     assert merger.num_snapshots == 1 and merger.num_skipped == 1
 
@@ -172,7 +175,8 @@ def test_running_snapshots_on_the_device_fold_without_a_host_sync(method: str) -
                     p.add_(0.01 * (step + 1))
                 if step == 2:
                     next(model.parameters()).view(-1)[0] = float("nan")
-            merger.snapshot()
+            with no_host_sync():
+                merger.snapshot()
             if step != 2:
                 accepted += 1
                 alpha = merger.config.ema_alpha
@@ -190,3 +194,42 @@ def test_running_snapshots_on_the_device_fold_without_a_host_sync(method: str) -
     merger.agree()
     assert (merger.num_snapshots, merger.num_skipped) == (4, 1)
     assert_close_rel(merger.merged_shards(), reference, 1e-6, f"running {method}")
+
+
+@pytest.mark.parametrize("code", ["bf16", "fp8"])
+def test_compressed_windows_on_the_device_encode_as_the_cpu_kernel_does(code: str) -> None:
+    """A compressed window of device tensors: its snapshots make no host sync, its merges lie
+    within the codes' bound of the float64 merge, and its planes hold the bits the compiled
+    CPU kernel writes for the same snapshots."""
+    from pma_dist.core import CompressedWindow
+    from pma_dist.testing import assert_compressed_merge, reference_weights
+
+    model = make_model().cuda()
+    model.big = torch.nn.Parameter(torch.randn(64, 4096, device="cuda") * 0.02)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    merger = Merger(model, optimizer, PMAConfig(window=4, interval_steps=1, compression=code))
+    chain, live = [], []
+    for _ in range(6):
+        tokens = torch.randint(0, 37, (8, 13), device="cuda")
+        loss = torch.nn.functional.cross_entropy(
+            model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()
+        )
+        (loss + model.big.square().mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        live.append([p.detach().cpu().clone() for p in model.parameters()])
+        with no_host_sync():
+            merger.snapshot()
+        merger.agree()
+        chain.append({k: v.double().cpu() for k, v in full_state(model).items()})
+    merged = {k: v.cpu() for k, v in merger.merged_shards("wma").items()}
+    assert_compressed_merge(merged, chain, [0, 0, *reference_weights("wma", 4)], code, "device")
+    state = merger._state
+    host = CompressedWindow([t.cpu() for t in state.slots[0]], 4, code=code, blocks=state.blocks)
+    for snapshot in live:
+        host.snapshot(snapshot)
+    for (key, device_plane), (_, host_plane) in zip(state.stored(), host.stored()):
+        for d, h in zip(device_plane, host_plane):
+            assert torch.equal(
+                d.cpu().reshape(-1).view(torch.uint8), h.reshape(-1).view(torch.uint8)
+            ), key

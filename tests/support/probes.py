@@ -77,3 +77,14 @@ def accelerator_fold() -> Iterator[None]:
         yield
     finally:
         kernels.folds_on_host = original
+
+
+@contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Every CUDA call that synchronizes the host raises inside the body
+    (``torch.cuda.set_sync_debug_mode("error")``), so a hidden sync fails a test."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
