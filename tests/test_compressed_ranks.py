@@ -174,13 +174,16 @@ def _deepspeed_worker(rank: int, world_size: int, root: str, code: str, phase: s
     engine = make_engine(stage, world_size, pma, seed=0 if phase == "save" else 7)
     out: dict = {"snapshots": []}
     if phase in ("save", "train3"):
-        for step in range(5):
+        for step in range(6):  # the chain wraps: its planes out of order (0, 2, 1)
             engine_step(engine, step, rank, world_size)
             out["snapshots"].append(full_fp32(engine))
         if phase == "save":
             engine.save_checkpoint(root, tag="t")
     else:
         engine.pma.load(Path(root) / "t")
+        records = [None] * world_size
+        torch.distributed.all_gather_object(records, engine.pma._state.records)
+        out["records"] = records
     with engine.pma.swapped():
         out["merged"] = full_fp32(engine)
     out["history"] = engine.pma.history
@@ -200,11 +203,12 @@ def test_deepspeed_windows_resume_at_another_stage_and_world_size(tmp_path: Path
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     root = str(tmp_path / "ckpt")
     saved = run_ranks(_deepspeed_worker, 2, root, code, "save")[0]
-    wma = [0.0, 0.0, *reference_weights("wma", 3)]
+    wma = [0.0, 0.0, 0.0, *reference_weights("wma", 3)]
     assert_compressed_merge(saved["merged"], saved["snapshots"], wma, code, "ZeRO-2")
     for world_size, phase in ((2, "zero3"), (4, "zero1")):
         loaded = run_ranks(_deepspeed_worker, world_size, root, code, phase)[0]
         assert loaded["history"] == saved["history"]
+        assert all(r == loaded["records"][0] for r in loaded["records"]), loaded["records"]
         if code == "bf16":
             assert_bitwise_equal(loaded["merged"], saved["merged"], f"{phase}: element by element")
         else:

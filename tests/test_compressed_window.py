@@ -5,6 +5,7 @@ rollbacks, the bytes it keeps, and the compiled passes against torch's bit for b
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from pma_dist.testing import (
     assert_bitwise_equal,
     assert_close_rel,
     assert_compressed_merge,
+    compressed_error_bounds,
     merge_reference,
     reference_weights,
 )
@@ -116,6 +118,27 @@ def test_the_error_does_not_grow_with_the_snapshots_taken(code: str) -> None:
 
 
 @pytest.mark.parametrize("code", CODES)
+def test_the_bound_fails_a_merge_one_ulp_beyond_it_or_nan(code: str) -> None:
+    snapshots = _trajectory(4, seed=5)
+    state = _state(code, 4)
+    for theta in snapshots:
+        state.snapshot(theta)
+    chain, weights = [_named(s) for s in snapshots], reference_weights("sma", 4)
+    merged = _merged(state, weights)
+    assert_compressed_merge(merged, chain, weights, code, "as merged")
+    exact = sum(w * s["0"].double() for w, s in zip(weights, chain))
+    bound = sum(abs(w) * b["0"] for w, b in zip(weights, compressed_error_bounds(chain, code)))
+    off = dict(merged)
+    off["0"] = off["0"].clone()
+    off["0"].view(-1)[11] = float(exact.view(-1)[11] + 1.01 * bound.view(-1)[11] + 1e-7)
+    with pytest.raises(AssertionError, match="element 11 is"):
+        assert_compressed_merge(off, chain, weights, code, "off")
+    off["0"].view(-1)[11] = float("nan")
+    with pytest.raises(AssertionError, match="element 11 is"):
+        assert_compressed_merge(off, chain, weights, code, "nan")
+
+
+@pytest.mark.parametrize("code", CODES)
 def test_a_rejected_snapshot_keeps_weight_zero_until_it_leaves(code: str) -> None:
     window, snapshots = 4, _trajectory(9, seed=1)
     state = _state(code, window)
@@ -179,6 +202,46 @@ def test_dropping_the_newest_snapshots_rewinds_the_base(code: str) -> None:
     assert state.drop_since(0) and not state.merged_records()
     state.snapshot(snapshots[0], step=9)
     assert_bitwise_equal(_merged(state, [1.0]), _named(snapshots[0]), "a new chain starts exactly")
+    state.snapshot(snapshots[1], step=3)
+    before = _merged(state, [0.5, 0.5])
+    with pytest.raises(RuntimeError, match=r"drop_since\(5\): .* not the newest \(steps \[9, 3\]"):
+        state.drop_since(5)
+    assert_bitwise_equal(_merged(state, [0.5, 0.5]), before, "a refused drop changes nothing")
+
+
+def test_an_fp8_save_encoded_again_keeps_its_planes_and_records() -> None:
+    """Whether a rank's layout cuts a saved block is decided on that rank alone: encoded
+    again, a wrapped chain keeps the planes and records it had, as a plane-by-plane load
+    does, so every rank holds the same records (rank 0's header describes them all)."""
+    from pma_dist.state._transcode import transcode
+
+    snapshots = _trajectory(6, seed=8)
+    saved = _state("fp8", 3)
+    for k, theta in enumerate(snapshots, 1):
+        saved.snapshot(theta, step=k)
+    assert saved.chain() == [0, 2, 1], "the chain has wrapped"
+    planes = dict(saved.stored())
+
+    def dense(key: str, i: int) -> torch.Tensor:
+        if not key.startswith("deltas."):
+            return planes[key][i]
+        k = int(key.split(".")[1])
+        exps = planes[f"scales.{k}"][i]
+        return _codes.decode("fp8", planes[key][i], exps, saved.segments[i])
+
+    again = _state("fp8", 3)
+    records = transcode(again, dense, "fp8", saved.records, "saved")
+    assert records == saved.records
+    again.restore(saved.count, records)
+    for weights in ([0.2, 0.3, 0.5], [1.0, 0.0, 0.0]):
+        assert_compressed_merge(
+            _merged(again, weights),
+            [_named(s) for s in snapshots],
+            [0, 0, 0, *weights],
+            "fp8",
+            f"{weights}",
+            roundings=2,
+        )
 
 
 def test_bytes_per_element_at_the_papers_window() -> None:
@@ -203,6 +266,11 @@ def _passes(code, shape, runs, block, live_dtype, compiled: bool):
             flat[200:328] = base.view(-1)[200:328] + 1e3  # a block scaled beyond 448
             flat[400:528] = base.view(-1)[400:528].to(live_dtype)  # a block of zeros
             flat[530] = base.view(-1)[530] + 1e-30  # below e4m3's normal range
+            base.view(-1)[600] = -1e36
+            flat[600] = 3.3895e38  # a finite difference whose code decodes past float32
+            base.view(-1)[740:1100] = 0
+            tiny = torch.randn(flat[740:1100].shape, generator=g) * 1e-37
+            flat[740:1100] = tiny.to(live_dtype)  # scales of 2^-127: P * 2^-127 is subnormal
         segs = delta_segments(shape, runs, block)
         delta = torch.zeros(shape, dtype=_codes.CODE_DTYPES[code])
         exps = torch.zeros(exps_shape(shape, runs, block), dtype=torch.uint8)
@@ -233,6 +301,11 @@ def test_the_compiled_passes_equal_torch_bit_for_bit(code: str, live_dtype) -> N
         compiled = _passes(code, shape, runs, block, live_dtype, True)
         reference = _passes(code, shape, runs, block, live_dtype, False)
         assert float(compiled[0]) == float(reference[0]) == (0.0 if math.prod(shape) > 600 else 1.0)
+        assert all(bool(t.float().isfinite().all()) for t in compiled[1:]), "planes stay finite"
+        if math.prod(shape) > 600:
+            assert float(compiled[1].view(-1)[600]) == float(torch.tensor(-1e36)), (
+                "an overflow is stored as no change"
+            )
         for i, (a, b) in enumerate(zip(compiled[1:], reference[1:])):
             assert_bitwise_equal({"x": a}, {"x": b}, f"{code} {shape} output {i}")
 
@@ -301,6 +374,9 @@ def test_per_rank_files_convert_between_kinds_once(tmp_path: Path, saved: str, o
         pytest.skip("the same kind loads plane by plane (test_compressed_ranks)")
     _, merger, chain = _trained(saved)
     merger.save(tmp_path)
+    index = json.loads((tmp_path / "pma_index.json").read_text())
+    version = 2 if saved == "none" else 3
+    assert index["version"] == index["header"]["meta"]["format"] == version, "the oldest it fits"
     fresh = Merger(
         make_model(seed=5), None, PMAConfig(window=4, interval_steps=1, compression=ours)
     )

@@ -98,7 +98,9 @@ def test_version_1_dcp_and_rank_files_load(tmp_path: Path) -> None:
     assert_bitwise_equal(result["files"], result["window"], "per-rank files equal DCP")
     assert_bitwise_equal(result["v2"], result["files"], "saved again in today's format, reloaded")
     index = json.loads((tmp_path / "v2" / "pma_index.json").read_text())
-    assert index["version"] == 3 and index["header"]["meta"]["format"] == 3
+    assert index["version"] == 2 and index["header"]["meta"]["format"] == 2, (
+        "read by format-2 readers"
+    )
     assert index["header"]["meta"]["compression"] == "none"
 
 

@@ -1,6 +1,7 @@
 """Names survive wrappers: activation checkpointing (the way FSDP2 users apply it),
 ``torch.compile`` and DDP leave the averaged tensors under transformers' own names, so state
-resumes across wrappers and an offline export of a wrapped run equals the online one."""
+resumes across wrappers and an offline export of a wrapped run equals the online one; a
+channels_last model (weights whose strides are not row-major) merges as a contiguous one does."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from pma_dist import Merger, PMAConfig
 from pma_dist.backends import canonical_name
-from pma_dist.testing import assert_bitwise_equal, run_ranks
+from pma_dist.testing import (
+    assert_bitwise_equal,
+    assert_close_rel,
+    assert_compressed_merge,
+    merge_reference,
+    reference_weights,
+    run_ranks,
+)
 from tests.support.cli import run_cli
 from tests.support.hf_models import hf_train_step, make_hf_model, shard_hf_fsdp2
 from tests.support.models import full_state
@@ -115,3 +123,50 @@ def test_activation_checkpointing_and_compile_keep_names_and_resume(tmp_path: Pa
     online = load_file(tmp_path / "online" / "model.safetensors")
     offline = load_file(tmp_path / "offline" / "model.safetensors")
     assert_bitwise_equal(offline, online, "offline export of a checkpointed run")
+
+
+@pytest.mark.parametrize(
+    "compression, method, offload",
+    [
+        ("none", "wma", "none"),
+        ("none", "ema", "cpu"),
+        ("bf16", "sma", "none"),
+        ("fp8", "wma", "cpu"),
+    ],
+)
+def test_a_channels_last_model_merges_like_a_contiguous_one(
+    compression: str, method: str, offload: str
+) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1))
+    model = model.to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    window = None if method == "ema" else 3
+    config = PMAConfig(
+        method=method,
+        window=window,
+        interval_steps=1,
+        offload=offload,
+        compression=compression,
+    )
+    merger = Merger(model, None, config)
+    snapshots = []
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 1e-2)
+        snapshots.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        merger.step()
+    merged = merger.merged_shards()
+    if compression == "none":
+        expected = merge_reference(snapshots if window is None else snapshots[-3:], method)
+        assert_close_rel(merged, expected, tol=1e-6, what=method)
+    else:
+        weights = [0.0, 0.0, *reference_weights(method, 3)]
+        assert_compressed_merge(merged, snapshots, weights, compression, compression)
+    live = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with merger.swapped():
+        swapped = {k: v.detach().clone() for k, v in model.named_parameters()}
+        assert not model[0].weight.is_contiguous(), "the swap keeps the weights' strides"
+    assert_bitwise_equal(swapped, merged, "swapped in")
+    assert_bitwise_equal({k: v.detach() for k, v in model.named_parameters()}, live, "restored")

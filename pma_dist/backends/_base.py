@@ -100,6 +100,10 @@ class Shard:
     """Which parameter elements the shard holds; see :class:`Fragment`."""
     buffer: bool = False
     """True for a module buffer (a whole replica on every rank, written in place)."""
+    rows_split: bool = False
+    """True when the layout splits the tensor's last dimension across ranks (a ``Shard`` of it
+    over more than one rank), the same on every rank: a per-row block (an fp8 scale) then has
+    no checkpoint layout like the parameter's, so each element carries its own."""
 
     @property
     def runs(self) -> tuple[tuple[int, int], ...] | None:

@@ -29,16 +29,12 @@ def _like_param(param: DTensor, buffer: torch.Tensor) -> DTensor:
     Built directly, as FSDP2 builds its CPU-offloaded parameters: ``DTensor.from_local`` would
     move a host slot onto the mesh's device, a whole slot of accelerator memory at every save.
     """
-    from torch.distributed.tensor import Shard as ShardPlacement
     from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
     shape, stride = param.shape, param.stride()
     local = param._local_tensor.shape
     if tuple(buffer.shape) != tuple(local):
-        last = param.dim() - 1
-        cut = any(isinstance(p, ShardPlacement) and p.dim % param.dim() == last
-                  for p in param.placements)  # fmt: skip
-        if buffer.dim() != param.dim() or buffer.shape[:-1] != local[:-1] or cut:
+        if buffer.dim() != param.dim() or buffer.shape[:-1] != local[:-1] or _splits_rows(param):
             raise ValueError(
                 f"a buffer of shape {tuple(buffer.shape)} has no layout like a parameter of "
                 f"shape {tuple(shape)} placed {tuple(param.placements)}"
@@ -48,6 +44,18 @@ def _like_param(param: DTensor, buffer: torch.Tensor) -> DTensor:
     meta = TensorMeta(shape, stride, buffer.dtype)
     spec = DTensorSpec(param.device_mesh, param.placements, tensor_meta=meta)
     return DTensor(buffer, spec, requires_grad=False)
+
+
+def _splits_rows(param: DTensor) -> bool:
+    """Whether a placement shards ``param``'s last dimension over more than one rank (a
+    ``Shard`` of it on a mesh dimension of size 1 keeps every row whole)."""
+    from torch.distributed.tensor import Shard as ShardPlacement
+
+    last, mesh = param.dim() - 1, param.device_mesh
+    return param.dim() > 0 and any(
+        isinstance(p, ShardPlacement) and p.dim % param.dim() == last and mesh.size(i) > 1
+        for i, p in enumerate(param.placements)
+    )
 
 
 def _strided(param: DTensor) -> list:
@@ -142,6 +150,7 @@ class FSDP2Backend:
                     tuple(p.shape),
                     functools.partial(_like_param, p),
                     self._layout.get(n) or _fragments(n, p),
+                    rows_split=_splits_rows(p),
                 )
                 for n, p in self._parameters()
             ] + buffer_shards(self._model, self._buffers)

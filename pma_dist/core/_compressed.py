@@ -186,15 +186,18 @@ class CompressedWindow(AveragingState):
             return torch.ones((), device=tensors[0].device if tensors else "cpu")
         return torch.stack([f.to(flags[0].device) for f in flags]).min()
 
-    def rebuild(self, tensor: int, snapshots) -> None:
+    def rebuild(self, tensor: int, snapshots, planes: Sequence[int] | None = None) -> None:
         """Encode the snapshots ``snapshots`` yields (one tensor each, oldest first) as a new
-        chain from the first plane, for averaged tensor ``tensor`` (a state taken from a save
-        of another kind): the first exactly, the others as differences."""
+        chain for averaged tensor ``tensor`` (a state taken from a save of another kind or
+        block layout): the first exactly into the base, each later one as a difference into
+        the plane ``planes`` names for it (``planes[j]`` for snapshot j, ``planes[0]`` being
+        the base's 0; default: the planes in order from the first)."""
         base = self.slots[0][tensor]
-        for plane, snapshot in enumerate(snapshots):
-            if plane == 0:
+        for j, snapshot in enumerate(snapshots):
+            if j == 0:
                 torch.nan_to_num_(base.copy_(snapshot), nan=0.0, posinf=0.0, neginf=0.0)
                 continue
+            plane = j if planes is None else planes[j]
             exps = self.scales[plane - 1][tensor] if self.scales else None
             delta = self.slots[plane][tensor]
             encode_delta(self.code, base, snapshot, delta, exps, self.segments[tensor])
@@ -215,6 +218,12 @@ class CompressedWindow(AveragingState):
         grow) and rewind R to the newest one kept; the valid ones dropped, oldest first."""
         chain = self.chain()
         dropped = [k for k in chain if self.records[k].step >= step]
+        if dropped != chain[len(chain) - len(dropped) :]:
+            steps = [self.records[k].step for k in chain]
+            raise RuntimeError(
+                f"drop_since({step}): the snapshots to drop are not the newest (steps {steps}, "
+                "oldest first): a chain can only be rewound from its newest end"
+            )
         records = [self.records[k] for k in dropped if self.records[k].valid]
         if dropped and dropped[0] == chain[0]:
             self.records = [None] * self.window

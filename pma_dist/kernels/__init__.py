@@ -16,12 +16,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from . import _cpu, _triton
-from ._codes import BLOCK, CODE_DTYPES, CODES, Segment, decode_elements, exps_shape
+from ._codes import CODE_DTYPES, CODES, decode_elements
 from ._codes import decode as decode_deltas
 from ._codes import encode as encode_delta
 from ._codes import merge as merge_deltas
 from ._codes import merge_values as merge_decoded
-from ._codes import segments as delta_segments
 from ._fused import (
     CPU_BLOCK_NUMEL,
     DEVICE_BATCH_BYTES,
@@ -38,6 +37,8 @@ from ._fused import (
     weighted_sum,
 )
 from ._offload import STAGING_NUMEL, SideStreamCopy, chunks, empty_slot, slot_device
+from ._segments import BLOCK, Segment, exps_shape
+from ._segments import segments as delta_segments
 
 __all__ = [
     "BLOCK",

@@ -2,101 +2,44 @@
 fewer bits, and the two passes over memory that use them.
 
 * ``bf16``: each difference rounded to bfloat16 (2 bytes an element).
-* ``fp8``: float8 e4m3 with one power-of-two scale per block of :data:`BLOCK` elements along a
+* ``fp8``: float8 e4m3 with one power-of-two scale per block of 128 elements (``BLOCK``) along a
   row (the microscaling form of OCP's MX formats: an E8M0 exponent per block): 1 byte an
   element and 1 per block. A power of two makes every decoded value exact in float32 and in
   bfloat16, so a state can be decoded, moved and encoded again without a second rounding.
 
 ``encode`` writes d = q(live - base) and adds deq(d) to the base (error feedback: the base is
-then the snapshot up to one rounding of the last difference); where ``live`` is NaN/Inf it
-stores 0 and leaves the base as it is, so no plane ever holds a non-finite value, and says so.
+then the snapshot up to one rounding of the last difference); where ``live`` is NaN/Inf, or a
+finite difference or the base would round past float32's range (|d| near 3.4e38), it stores 0
+and leaves the base as it is, so no plane ever holds a non-finite value, and says so.
 ``merge`` writes ``W * base - S`` with ``S = sum_k deq(d_k) * P_k`` summed in float32 (small
 values: its rounding is far below the codes') and the subtraction in float64, rounded once.
 On CPU both run as compiled kernels (``_cpu``); elsewhere, or without a compiler, the torch
 expressions here do the same work with the same bits.
 
-Blocks lie along rows (:class:`Segment`): the last dimension of a tensor, or each run of real
-elements of a padded flat partition, so that a block never straddles two rows of a parameter.
+Blocks lie along rows (``_segments``): the last dimension of a tensor, or each run of real
+elements of a padded flat partition. A run is what the owner hands over: one parameter's shard
+of a padded FSDP2 tensor, but a DeepSpeed flat partition is one run that holds many parameters
+end to end, so there a block may span the end of one parameter and the start of the next (its
+scale then fits the larger of the two).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from . import _cpu
+from ._segments import Segment, exps_of, pieces
 
 CODES = ("bf16", "fp8")
 """Delta codes, by the name ``PMAConfig.compression`` takes."""
-BLOCK = 128
-"""Elements per fp8 block along a row."""
 E4M3_MAX = 448.0
 """The largest float8 e4m3 value; a block's largest difference is scaled to at most this."""
 EXPONENT_BIAS = 127
 """A block's scale 2^e is stored as the byte e + 127."""
-CHUNK_NUMEL = 1 << 18
-"""Elements per chunk of the torch passes (their temporaries stay in cache)."""
 CODE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.uint8}
 """How a code's differences are stored (fp8 codes as their raw bytes)."""
-
-
-@dataclass(frozen=True)
-class Segment:
-    """``rows`` rows of ``row`` elements from flat offset ``start`` of a tensor, cut into blocks
-    of ``block`` elements along each row (the last block of a row may be shorter); their
-    exponents start at ``exps_start`` of the tensor's exponent plane."""
-
-    start: int
-    rows: int
-    row: int
-    block: int
-    exps_start: int
-
-    @property
-    def numel(self) -> int:
-        return self.rows * self.row
-
-    @property
-    def per_row(self) -> int:
-        return -(-self.row // self.block)
-
-    @property
-    def blocks(self) -> int:
-        return self.rows * self.per_row
-
-
-def segments(
-    shape: Sequence[int], runs: Sequence[tuple[int, int]] | None, block: int
-) -> tuple[Segment, ...]:
-    """The rows of a tensor of ``shape``: its last dimension (a 0-d tensor: one element), or,
-    for a padded tensor, each run ``(start, numel)`` of real elements as one row."""
-    if runs is not None:
-        out, exps = [], 0
-        for start, numel in runs:
-            if numel:
-                out.append(Segment(start, 1, numel, block, exps))
-                exps += -(-numel // block)
-        return tuple(out)
-    numel = math.prod(shape)
-    if numel == 0:
-        return ()
-    row = shape[-1] if len(shape) else 1
-    return (Segment(0, numel // row, row, block, 0),)
-
-
-def exps_shape(
-    shape: Sequence[int], runs: Sequence[tuple[int, int]] | None, block: int
-) -> tuple[int, ...]:
-    """The shape of a tensor's exponent plane: like the tensor with its last dimension counted
-    in blocks (so a DCP checkpoint lays it out like the parameter), or flat for runs."""
-    if runs is not None:
-        return (sum(s.blocks for s in segments(shape, runs, block)),)
-    if not len(shape):
-        return () if block == 1 else (1,)
-    return (*shape[:-1], -(-shape[-1] // block))
 
 
 def block_exponents(amax: torch.Tensor) -> torch.Tensor:
@@ -117,8 +60,9 @@ def encode(
 ) -> torch.Tensor:
     """Encode ``live`` against ``base`` (both shaped alike) into ``delta`` (and ``exps``) over
     ``segs``; a 0-dim float flag on their device: 1.0 when every element was finite. No host
-    sync off the CPU."""
-    flat_base, flat_live, flat_delta = base.view(-1), live.view(-1), delta.view(-1)
+    sync off the CPU. ``live`` may have any strides (``base``, ``delta`` and ``exps`` are the
+    window's own, contiguous): a channels_last weight is read through a contiguous copy."""
+    flat_base, flat_live, flat_delta = base.view(-1), live.reshape(-1), delta.view(-1)
     flat_exps = exps.view(-1) if exps is not None else None
     flag = torch.ones((), device=base.device)
     if _cpu.suits_code(code, base, live):
@@ -129,7 +73,7 @@ def encode(
         return flag if finite else flag.zero_()
     flags = [
         _encode_torch(code, *_views(piece, flat_base, flat_live, flat_delta, flat_exps), piece)
-        for piece in _pieces(segs)
+        for piece in pieces(segs)
     ]
     return torch.stack(flags).all().float() if flags else flag
 
@@ -143,14 +87,20 @@ def merge(
     segs: Sequence[Segment],
 ) -> None:
     """``out = weight * base - sum_k coeff_k * deq(delta_k)`` over ``segs``, ``planes`` being
-    ``(delta_k, exps_k, coeff_k)``; ``out`` may be ``base`` itself, and any float dtype."""
+    ``(delta_k, exps_k, coeff_k)``; ``out`` may be ``base`` itself, any float dtype and any
+    strides (a channels_last weight is merged into a contiguous copy first)."""
+    if not out.is_contiguous():
+        staged = torch.empty(out.shape, dtype=torch.float32, device=base.device)
+        merge(code, staged, base, weight, planes, segs)
+        out.copy_(staged)
+        return
     compiled = _cpu.suits_code(code, base) and out.device.type == "cpu"
     direct = out.dtype == torch.float32 and out.is_contiguous()
     flat_out, flat_base = out.view(-1), base.view(-1)
     flat_planes = [(d.view(-1), e.view(-1) if e is not None else None, c) for d, e, c in planes]
-    for piece in segs if compiled and direct else _pieces(segs):
+    for piece in segs if compiled and direct else pieces(segs):
         lo, hi = piece.start, piece.start + piece.numel
-        sliced = [(d[lo:hi], _exps_of(e, piece), c) for d, e, c in flat_planes]
+        sliced = [(d[lo:hi], exps_of(e, piece), c) for d, e, c in flat_planes]
         target = flat_out[lo:hi] if direct else torch.empty(hi - lo, device=base.device)
         if compiled:
             rows, row, block = piece.rows, piece.row, piece.block
@@ -170,32 +120,9 @@ def powers_of_two(exponent: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def _pieces(segs: Sequence[Segment]) -> Iterator[Segment]:
-    """``segs`` cut into pieces of about :data:`CHUNK_NUMEL` elements at row or block bounds (a
-    long row becomes rows of whole blocks), so that torch's temporaries stay small."""
-    for seg in segs:
-        if seg.row <= CHUNK_NUMEL:
-            rows = max(1, CHUNK_NUMEL // max(seg.row, 1))
-            for first in range(0, seg.rows, rows):
-                count = min(rows, seg.rows - first)
-                start, exps = seg.start + first * seg.row, seg.exps_start + first * seg.per_row
-                yield Segment(start, count, seg.row, seg.block, exps)
-            continue
-        width = CHUNK_NUMEL // seg.block * seg.block
-        for r in range(seg.rows):
-            for at in range(0, seg.row, width):
-                start = seg.start + r * seg.row + at
-                exps = seg.exps_start + r * seg.per_row + at // seg.block
-                yield Segment(start, 1, min(width, seg.row - at), seg.block, exps)
-
-
-def _exps_of(exps: torch.Tensor | None, piece: Segment) -> torch.Tensor | None:
-    return None if exps is None else exps[piece.exps_start : piece.exps_start + piece.blocks]
-
-
 def _views(piece: Segment, base, live, delta, exps) -> tuple:
     lo, hi = piece.start, piece.start + piece.numel
-    return base[lo:hi], live[lo:hi], delta[lo:hi], _exps_of(exps, piece)
+    return base[lo:hi], live[lo:hi], delta[lo:hi], exps_of(exps, piece)
 
 
 def _blocked(flat: torch.Tensor, piece: Segment) -> torch.Tensor:
@@ -214,20 +141,23 @@ def _unblocked(blocks: torch.Tensor, piece: Segment) -> torch.Tensor:
 def _encode_torch(code, base, live, delta, exps, piece: Segment) -> torch.Tensor:
     diff = live.float() - base
     finite = torch.isfinite(diff)
-    diff = torch.where(finite, diff, torch.zeros((), device=diff.device))
+    zero = torch.zeros((), device=diff.device)
+    diff = torch.where(finite, diff, zero)
     if code == "bf16":
-        rounded = diff.to(torch.bfloat16)
-        delta.copy_(rounded)
-        base.add_(rounded.float())
-        return finite.all()
-    exponent = block_exponents(_blocked(diff.abs(), piece).amax(-1)).int()
-    down = powers_of_two(-exponent).unsqueeze(-1)
-    codes = (_blocked(diff, piece) * down).to(torch.float8_e4m3fn)
-    decoded = codes.float() * powers_of_two(exponent).unsqueeze(-1)
-    delta.copy_(_unblocked(codes.view(torch.uint8), piece))
-    base.add_(_unblocked(decoded, piece))
-    exps.copy_((exponent + EXPONENT_BIAS).to(torch.uint8).reshape(-1))
-    return finite.all()
+        stored = diff.to(torch.bfloat16)
+        values = stored.float()
+    else:
+        exponent = block_exponents(_blocked(diff.abs(), piece).amax(-1)).int()
+        down = powers_of_two(-exponent).unsqueeze(-1)
+        codes = (_blocked(diff, piece) * down).to(torch.float8_e4m3fn)
+        values = _unblocked(codes.float() * powers_of_two(exponent).unsqueeze(-1), piece)
+        stored = _unblocked(codes.view(torch.uint8), piece)
+        exps.copy_((exponent + EXPONENT_BIAS).to(torch.uint8).reshape(-1))
+    updated = base + values
+    kept = torch.isfinite(updated)
+    delta.copy_(torch.where(kept, stored, torch.zeros((), dtype=stored.dtype, device=diff.device)))
+    base.copy_(torch.where(kept, updated, base))
+    return finite.all() & kept.all()
 
 
 def _merge_torch(code, out, base, weight, planes, piece: Segment) -> None:
@@ -254,9 +184,9 @@ def decode(
     out = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
     flat_out, flat_delta = out.view(-1), delta.view(-1)
     flat_exps = exps.view(-1) if exps is not None else None
-    for piece in _pieces(segs):
+    for piece in pieces(segs):
         lo, hi = piece.start, piece.start + piece.numel
-        flat_out[lo:hi] = decoded(code, flat_delta[lo:hi], _exps_of(flat_exps, piece), piece)
+        flat_out[lo:hi] = decoded(code, flat_delta[lo:hi], exps_of(flat_exps, piece), piece)
     return out
 
 

@@ -61,6 +61,9 @@ def copy_checked(dst: Tensors, src: Tensors) -> torch.Tensor:
             if cpu_kernels.suits(out, live):
                 finite = cpu_kernels.copy_finite(out, live) and finite
                 continue
+            if not (out.is_contiguous() and live.is_contiguous()):
+                sums.append(out.copy_(live).sum(dtype=torch.float32))
+                continue
             flat_out, flat_live = out.view(-1), live.view(-1)
             for part in chunks(out.numel(), CPU_BLOCK_NUMEL):
                 block = flat_out[part]
@@ -91,11 +94,17 @@ def _without(tensors: Tensors, indices: list[int]) -> list[torch.Tensor]:
 
 
 def _batches(dst: Tensors, src: Tensors, max_bytes: int) -> Iterator[tuple[list, list]]:
-    """Pairs of flat views of ``dst``/``src`` in batches of about ``max_bytes`` of ``dst``."""
+    """Pairs of flat views of ``dst``/``src`` in batches of about ``max_bytes`` of ``dst`` (a
+    pair of which one is not contiguous, e.g. a channels_last weight: whole)."""
     outs: list[torch.Tensor] = []
     lives: list[torch.Tensor] = []
     size = 0
     for out, live in zip(dst, src):
+        if not (out.is_contiguous() and live.is_contiguous()):
+            outs.append(out)
+            lives.append(live)
+            size += out.numel() * out.element_size()
+            continue
         step = max(1, max_bytes // out.element_size())
         flat_out, flat_live = out.view(-1), live.view(-1)
         for part in chunks(out.numel(), step):
@@ -132,7 +141,17 @@ def real_views(tensors: Tensors, runs: Sequence[Runs]) -> list[torch.Tensor]:
 def weighted_sum(outs: list[torch.Tensor], slots: list[list[torch.Tensor]], weights: list[float]):
     """``outs[i] = sum_s weights[s] * slots[s][i]`` for tensors that share a device and a dtype
     (``outs`` may have another dtype, or live on the device when the slots live on the host);
-    accumulated in the slots' dtype."""
+    accumulated in the slots' dtype. An ``out`` with other strides than the slots' (a
+    channels_last weight) is summed into a contiguous copy first."""
+    strided = [i for i, out in enumerate(outs) if not out.is_contiguous()]
+    if strided:
+        staged = list(outs)
+        for i in strided:
+            staged[i] = torch.empty(outs[i].shape, dtype=outs[i].dtype, device=outs[i].device)
+        weighted_sum(staged, slots, weights)
+        for i in strided:
+            outs[i].copy_(staged[i])
+        return
     dtype = slots[0][0].dtype
     if slots[0][0].device != outs[0].device:
         weighted_sum_staged(outs, slots, weights, dtype)

@@ -180,9 +180,10 @@ class Merger(Readouts, Checkpointing):
 
 def delta_block(shard: Shard) -> int:
     """Elements per fp8 block along the rows of ``shard`` (``pma.compression = "fp8"``): 128,
-    or 1 where a checkpoint could reshard a row across ranks (the last dimension split, a
-    1-D tensor), so that a DCP checkpoint lays the scales out like the parameter."""
+    or 1 where a checkpoint could reshard a row across ranks (the layout splits the last
+    dimension, or the tensor has one dimension, which is its row), so that a DCP checkpoint
+    lays the scales out like the parameter. Decided from the layout, not the local shape,
+    so every rank decides alike (an empty shard too)."""
     if shard.checkpoint_view is None:
         return BLOCK
-    rows_whole = shard.local.dim() >= 2 and shard.local.shape[-1] == shard.global_shape[-1]
-    return BLOCK if rows_whole else 1
+    return 1 if len(shard.global_shape) < 2 or shard.rows_split else BLOCK

@@ -1,10 +1,10 @@
 """The declared layout of saved averaging state: :class:`StateHeader`, everything but the slot
 tensors, in one place for the Merger, the per-rank files, offline export and ``inspect``.
 
-Format 3, the one written: ``meta`` (``format``, ``mode``, ``window``, ``running_method``,
-``compression``, ``config``, the averaged tensors' ``names`` and ``shapes``, parameters then
-buffers, and which of them are ``buffers``), then ``count`` (snapshots taken), ``records``
-(per physical slot ``[seq, step, tokens, valid]`` or None, see
+Format 3, written for a compressed window: ``meta`` (``format``, ``mode``, ``window``,
+``running_method``, ``compression``, ``config``, the averaged tensors' ``names`` and
+``shapes``, parameters then buffers, and which of them are ``buffers``), then ``count``
+(snapshots taken), ``records`` (per physical slot ``[seq, step, tokens, valid]`` or None, see
 :class:`~pma_dist.core.SlotRecord`),
 ``num_skipped``, ``skip_streak`` (non-finite snapshots in a row), ``schedule`` and, when a
 Merger has extensions (a merge monitor), ``extensions`` (their state as one JSON string, so that
@@ -16,7 +16,8 @@ A compressed window (``compression`` other than ``"none"``) stores ``base`` and 
 planes (and ``scales.<k>`` for fp8) instead of ``slots.<k>``; its ``records[0]`` is the oldest
 snapshot, which has no plane of its own (:class:`~pma_dist.core.CompressedWindow`).
 
-Format 2 is format 3 without ``compression`` (every window was uncompressed). Format 1 had no
+Format 2, written for an uncompressed state (so that a pma_dist that reads formats 1 and 2
+loads it), is format 3 with ``compression`` ``"none"`` or absent. Format 1 had no
 records (the ring order came from ``count`` and ``head``), no skip streak and no buffers; it
 still loads, its buffers then start from the live values (the loader warns).
 """
@@ -40,9 +41,16 @@ from ..core import (
 from ..errors import PMAStateError
 
 FORMAT_VERSION = 3
-"""The layout written."""
+"""The newest layout: the one a compressed window is written in."""
+UNCOMPRESSED_VERSION = 2
+"""The layout an uncompressed state is written in (format 3 adds nothing it uses)."""
 READABLE_VERSIONS = (1, 2, 3)
 """Layouts that load."""
+
+
+def written_version(compression: str) -> int:
+    """The format a state kept as ``compression`` is written in: the oldest that holds it."""
+    return UNCOMPRESSED_VERSION if compression == "none" else FORMAT_VERSION
 
 
 def check_version(version: Any, where: str) -> int:
@@ -87,7 +95,7 @@ class StateHeader:
     extensions: dict[str, Any] = field(default_factory=dict)
     """The JSON state of each extension (:meth:`Merger.add_extension`), by name."""
     format: int = FORMAT_VERSION
-    """The layout version it was read from (written: always :data:`FORMAT_VERSION`)."""
+    """The layout version it was read from (written: :func:`written_version`)."""
     compression: str = "none"
     """How the window's snapshots are stored (``PMAConfig.compression``)."""
 
@@ -121,7 +129,7 @@ class StateHeader:
     def to_flat(self) -> dict[str, Any]:
         """The nested dict that ``Merger.state_dict`` and the per-rank files hold."""
         meta = {
-            "format": FORMAT_VERSION,
+            "format": written_version(self.compression),
             "mode": self.mode,
             "window": self.window,
             "running_method": self.running_method,

@@ -36,7 +36,7 @@ from ..backends import Shard
 from ..errors import PMAStateError
 from ..kernels import chunks
 from ._checksum import bit_checksum
-from ._format import FORMAT_VERSION, StateHeader, check_version
+from ._format import StateHeader, check_version, written_version
 from ._layout import describe_rank, exchanged, plan_save, shard_writes
 from ._legacy import FORMAT
 from ._runs import SavedRuns
@@ -105,12 +105,13 @@ def write_indexed(
     save_id, decision = comm.scatter_from_first(decisions, group=group)
     writes = shard_writes(layout, decision, fragments)
     path = directory / file_name(save_id, rank)
-    _write_rank_file(path, save_id, rank, planes, writes, geometry)
+    version = written_version(header.compression)
+    _write_rank_file(path, save_id, rank, planes, writes, geometry, version)
     comm.gather_to_first(None, group=group)
     if plan is not None:
         index = {
             "format": INDEX_FORMAT,
-            "version": FORMAT_VERSION,
+            "version": written_version(header.compression),
             "save_id": save_id,
             "world_size": len(layouts),
             "num_slots": header.num_slots,
@@ -134,6 +135,7 @@ def _write_rank_file(
     planes: list[tuple[str, list[torch.Tensor]]],
     writes: list[bool],
     geometry: list[list[list[int]]] | None,
+    version: int,
 ) -> None:
     """A safetensors file of every plane of each shard this rank saves (``writes``), flat
     (:func:`tensor_name`), streamed one tensor at a time, with per-chunk checksums (and the
@@ -148,7 +150,7 @@ def _write_rank_file(
         name: [bit_checksum(flat[part]) for part in chunks(flat.numel(), CHUNK_NUMEL)]
         for name, flat in tensors.items()
     }
-    meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "save_id": save_id}
+    meta = {"format": FORMAT, "version": str(version), "save_id": save_id}
     meta |= {"rank": str(rank), "chunk_numel": str(CHUNK_NUMEL), "checksums": json.dumps(sums)}
     if geometry is not None:
         meta["geometry"] = json.dumps({str(i): g for i, g in enumerate(geometry) if writes[i]})

@@ -39,12 +39,20 @@ def transcode(
     where: str,
 ) -> list[SlotRecord | None]:
     """Fill ``state`` with the snapshots of a save kept as ``code`` with ``records``; the new
-    records (the snapshots in order from the first plane)."""
+    records. A save of another kind is taken as a new chain in order from the first plane; a
+    save of the same code (fp8 blocks cut elsewhere) is encoded again into the planes it had,
+    under its own records, so that its records are right on every rank whether or not that
+    rank's layout cut a block (each rank decides from its own blocks, without a collective)."""
     chain = saved_chain(code, records)
     ours = getattr(state, "code", "none")
+    same_code = code == ours
     with torch.no_grad():
         for i in range(len(state.shapes)):
-            state.rebuild(i, _snapshots(dense, code, chain, i))
+            snapshots = _snapshots(dense, code, chain, i)
+            if same_code:
+                state.rebuild(i, snapshots, planes=chain)
+            else:
+                state.rebuild(i, snapshots)
     log.warning(
         "pma_dist: %s: PMA state kept as %s taken into a window kept as %s (%d snapshots; each "
         "gains at most one rounding of its new difference)",
@@ -53,6 +61,8 @@ def transcode(
         ours,
         len(chain),
     )
+    if same_code:
+        return list(records)
     taken = [records[k] for k in chain]
     return taken + [None] * (len(state.records) - len(taken))
 

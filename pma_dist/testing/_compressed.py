@@ -67,6 +67,7 @@ def assert_compressed_merge(
         largest = max(float(s[name].double().abs().max()) for s in chain) if exact.numel() else 0
         allowed = allowed + (len(chain) + 2) * 2.0**-24 * largest
         excess = (merged[name].double() - exact).abs() - allowed
+        excess = excess.nan_to_num(nan=float("inf"))
         if excess.numel() and float(excess.max()) > 0:
             worst = int(excess.argmax())
             raise AssertionError(

@@ -3,7 +3,8 @@
 // addresses here).
 //
 // encode: per element, d = q(live - R) and R += deq(d), with a NaN/Inf in live (a non-finite
-//   difference) stored as d = 0 and R left as it is; true when every element was finite. q is a
+//   difference), or a finite one whose deq(d) or R + deq(d) rounds past float32's range, stored
+//   as d = 0 and R left as it is; true when every element was stored. q is a
 //   round to bfloat16, or, per block of elements along a row, a round to float8 e4m3 after
 //   scaling by a power of two chosen so that the block's largest |d| fits (448).
 // merge: out = W * R - S, S = sum_k deq(d_k) * P_k summed in float32 (the differences are
@@ -57,6 +58,11 @@ float widen<std::uint16_t>(std::uint16_t bits) {  // bfloat16: the upper half of
 // 1 where `bits` is NaN/Inf (every exponent bit set), else 0.
 inline std::uint32_t nonfinite(std::uint32_t bits) {
   return static_cast<std::uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+}
+
+// `value` where flag is 0, `old` where it is 1 (no branch: the loops vectorize).
+inline std::uint32_t keep_unless(std::uint32_t value, std::uint32_t old, std::uint32_t flag) {
+  return (value & (flag - 1u)) | (old & (0u - flag));
 }
 
 // Round to nearest even, as c10::BFloat16 does for finite values.
@@ -131,11 +137,12 @@ PMA_INLINE std::uint32_t encode_bf16_run(float* r, const In* x, std::uint16_t* d
   std::uint32_t bad = 0;
   for (std::int64_t i = begin; i < end; ++i) {
     const std::uint32_t bits = to_bits(widen<In>(x[i]) - r[i]);
-    const std::uint32_t flag = nonfinite(bits);
+    const std::uint32_t q = bf16_of(bits & (nonfinite(bits) - 1u));  // a NaN/Inf: +0
+    const std::uint32_t next = to_bits(r[i] + from_bits(q << 16));
+    const std::uint32_t flag = nonfinite(bits) | nonfinite(next);
     bad |= flag;
-    const std::uint16_t q = bf16_of(bits & (flag - 1u));  // a NaN/Inf stored as +0
-    d[i] = q;
-    r[i] = r[i] + from_bits(static_cast<std::uint32_t>(q) << 16);
+    d[i] = static_cast<std::uint16_t>(q & (flag - 1u));
+    r[i] = from_bits(keep_unless(next, to_bits(r[i]), flag));
   }
   return bad;
 }
@@ -188,7 +195,7 @@ PMA_INLINE std::uint32_t encode_fp8_run(float* r, const In* x, std::uint8_t* q, 
     const std::int64_t count = std::min(block, row - (b % per_row) * block);
     const In* block_live = x + first;
     float* block_base = r + first;
-    std::uint32_t amax = 0;
+    std::uint32_t amax = 0, base_max = 0;
     for (std::int64_t c = 0; c < count; ++c) {
       std::uint32_t bits = to_bits(widen<In>(block_live[c]) - block_base[c]);
       const std::uint32_t flag = nonfinite(bits);
@@ -196,12 +203,27 @@ PMA_INLINE std::uint32_t encode_fp8_run(float* r, const In* x, std::uint8_t* q, 
       bits &= flag - 1u;  // a NaN/Inf stored as no change
       diff[c] = from_bits(bits);
       amax = std::max(amax, bits & 0x7FFFFFFFu);
+      base_max = std::max(base_max, to_bits(block_base[c]) & 0x7FFFFFFFu);
     }
     const int exponent = block_exponent(amax);
     const float down = power_of_two(-exponent);
     const float up = power_of_two(exponent);
+    if (exponent < 119 && base_max < (253u << 23)) {  // |deq(d)| < 2^127, |R| < 2^126: finite
+      for (std::int64_t c = 0; c < count; ++c) {
+        block_base[c] = block_base[c] + e4m3_round(diff[c] * down, code[c]) * up;
+      }
+      std::memcpy(q + first, code, count);
+      e[b] = static_cast<std::uint8_t>(exponent + kExponentBias);
+      continue;
+    }
     for (std::int64_t c = 0; c < count; ++c) {
-      block_base[c] = block_base[c] + e4m3_round(diff[c] * down, code[c]) * up;
+      std::uint8_t q_c;
+      const float value = e4m3_round(diff[c] * down, q_c) * up;
+      const std::uint32_t next = to_bits(block_base[c] + value);
+      const std::uint32_t flag = nonfinite(next);  // 256 * 2^120 overflows, so may R + value
+      bad |= flag;
+      code[c] = static_cast<std::uint8_t>(q_c & (flag - 1u));
+      block_base[c] = from_bits(keep_unless(next, to_bits(block_base[c]), flag));
     }
     std::memcpy(q + first, code, count);  // bytes may alias anything: stored apart
     e[b] = static_cast<std::uint8_t>(exponent + kExponentBias);
@@ -249,6 +271,14 @@ bool encode_fp8(std::intptr_t base, std::intptr_t live, std::intptr_t codes, std
     }
   });
   return finite.load();
+}
+
+// Whether 2^e * P, rounded to float32, is exact (normal and finite): then d * (2^e * P) is
+// (d * 2^e) * P to the bit, d * 2^e being exact for every finite decoded difference, and the
+// merge saves one multiply an element. The torch expressions compute (d * 2^e) * P.
+inline bool exact_scale(float scale) {
+  const std::uint32_t magnitude = to_bits(scale) & 0x7FFFFFFFu;
+  return magnitude >= 0x00800000u && magnitude < 0x7F800000u;
 }
 
 PMA_INLINE float finish(double weight, float base, float sum) {
@@ -327,14 +357,22 @@ PMA_VECTOR void merge_fp8_run(float* o, const float* r, double weight,
       for (std::int64_t b = b0; b < b1; ++b) {
         const std::int64_t first = (b / per_row) * row + (b % per_row) * block;
         const std::int64_t count = std::min(block, row - (b % per_row) * block);
-        const float s0 = p[k] * power_of_two(e0[b] - kExponentBias);
-        const float s1 = p[k + 1] * power_of_two(e1[b] - kExponentBias);
+        const float up0 = power_of_two(e0[b] - kExponentBias), w0 = p[k];
+        const float up1 = power_of_two(e1[b] - kExponentBias), w1 = p[k + 1];
+        const float s0 = up0 * w0, s1 = up1 * w1;
         float* out_sum = sum + (first - start);
         const std::uint8_t* c0 = q0 + first;
         const std::uint8_t* c1 = q1 + first;
-        for (std::int64_t c = 0; c < count; ++c) {
-          const float acc = out_sum[c] + e4m3_value(c0[c]) * s0;
-          out_sum[c] = acc + e4m3_value(c1[c]) * s1;
+        if (exact_scale(s0) && exact_scale(s1)) {
+          for (std::int64_t c = 0; c < count; ++c) {
+            const float acc = out_sum[c] + e4m3_value(c0[c]) * s0;
+            out_sum[c] = acc + e4m3_value(c1[c]) * s1;
+          }
+        } else {
+          for (std::int64_t c = 0; c < count; ++c) {
+            const float acc = out_sum[c] + (e4m3_value(c0[c]) * up0) * w0;
+            out_sum[c] = acc + (e4m3_value(c1[c]) * up1) * w1;
+          }
         }
       }
     }
@@ -344,11 +382,18 @@ PMA_VECTOR void merge_fp8_run(float* o, const float* r, double weight,
       for (std::int64_t b = b0; b < b1; ++b) {
         const std::int64_t first = (b / per_row) * row + (b % per_row) * block;
         const std::int64_t count = std::min(block, row - (b % per_row) * block);
-        const float scale = p[k] * power_of_two(e[b] - kExponentBias);
+        const float up = power_of_two(e[b] - kExponentBias), weight_k = p[k];
+        const float scale = up * weight_k;
         float* out_sum = sum + (first - start);
         const std::uint8_t* block_codes = q + first;
-        for (std::int64_t c = 0; c < count; ++c) {
-          out_sum[c] = out_sum[c] + e4m3_value(block_codes[c]) * scale;
+        if (exact_scale(scale)) {
+          for (std::int64_t c = 0; c < count; ++c) {
+            out_sum[c] = out_sum[c] + e4m3_value(block_codes[c]) * scale;
+          }
+        } else {
+          for (std::int64_t c = 0; c < count; ++c) {
+            out_sum[c] = out_sum[c] + (e4m3_value(block_codes[c]) * up) * weight_k;
+          }
         }
       }
     }
