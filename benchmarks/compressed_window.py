@@ -11,7 +11,9 @@ slots. At 20 and at 60 snapshots, for SMA, WMA, EMA, cosine and SMA of 4 snapsho
 eps = ||merge - exact|| / ||exact - live|| and the held-out loss of each merge against the exact
 merge's. Speed: one snapshot (copy, finiteness check and encode) and one merge of 10 snapshots
 of a ``--params-millions`` fp32 shard, against ``torch._foreach_copy_`` of it and against the
-exact ring, timed in turns (:func:`benchmarks.common.interleaved_medians`).
+exact ring, timed in turns (:func:`benchmarks.common.interleaved_medians`); on an accelerator
+(``--device cuda``) also with each window in host memory (``offload: cpu``, the ``... offload``
+rows: the staged copy and the host encode, waited for).
 """
 
 from __future__ import annotations
@@ -134,10 +136,14 @@ def speed(millions: int, repeats: int, device: torch.device) -> dict:
     shard = Matrices(millions * 1_000_000, device)
     params = [p.detach() for p in shard.parameters()]
     copies = [torch.empty_like(p) for p in params]
+    kinds = {kind: extra for kind, extra in KINDS.items() if kind != "bf16 slots"}
+    if device.type != "cpu":  # the window in host memory: staged, encoded on the host
+        kinds.update(
+            {f"{kind} offload": {**extra, "offload": "cpu"} for kind, extra in kinds.items()}
+        )
     mergers = {
         kind: Merger(shard, None, PMAConfig(window=WINDOW, interval_steps=1, **extra))
-        for kind, extra in KINDS.items()
-        if kind != "bf16 slots"
+        for kind, extra in kinds.items()
     }
     for merger in mergers.values():
         for _ in range(WINDOW):

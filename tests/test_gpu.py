@@ -197,19 +197,22 @@ def test_running_snapshots_on_the_device_fold_without_a_host_sync(method: str) -
 
 
 @pytest.mark.parametrize("code", ["bf16", "fp8"])
-def test_compressed_windows_on_the_device_encode_as_the_cpu_kernel_does(code: str) -> None:
-    """A compressed window of device tensors: its snapshots make no host sync, its merges lie
-    within the codes' bound of the float64 merge, and its planes hold the bits the compiled
-    CPU kernel writes for the same snapshots."""
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_compressed_windows_on_the_device_encode_as_the_cpu_kernel_does(
+    code: str, offload: str
+) -> None:
+    """A compressed window of device tensors, in device memory (Triton kernels: no host sync in
+    a snapshot) or in host memory (encoded on the host from the staged copy: no device memory
+    beyond training's). Its merges lie within the codes' bound of the float64 merge and equal
+    the CPU kernel's bit for bit, and its planes hold the bits the CPU kernel writes."""
     from pma_dist.core import CompressedWindow
     from pma_dist.testing import assert_compressed_merge, reference_weights
 
     model = make_model().cuda()
-    model.big = torch.nn.Parameter(torch.randn(64, 4096, device="cuda") * 0.02)
+    model.big = torch.nn.Parameter(torch.randn(64, 4096 + 3, device="cuda") * 0.02)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    merger = Merger(model, optimizer, PMAConfig(window=4, interval_steps=1, compression=code))
-    chain, live = [], []
-    for _ in range(6):
+
+    def train_step() -> None:
         tokens = torch.randint(0, 37, (8, 13), device="cuda")
         loss = torch.nn.functional.cross_entropy(
             model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()
@@ -217,13 +220,30 @@ def test_compressed_windows_on_the_device_encode_as_the_cpu_kernel_does(code: st
         (loss + model.big.square().mean()).backward()
         optimizer.step()
         optimizer.zero_grad()
+
+    train_step()
+    torch.cuda.synchronize()
+    training_bytes = torch.cuda.memory_allocated()
+    config = PMAConfig(window=4, interval_steps=1, compression=code, offload=offload)
+    merger = Merger(model, optimizer, config)
+    chain, live = [], []
+    for _ in range(6):
+        train_step()
         live.append([p.detach().cpu().clone() for p in model.parameters()])
-        with no_host_sync():
+        if offload == "none":
+            with no_host_sync():
+                merger.snapshot()
+        else:
             merger.snapshot()
         merger.agree()
         chain.append({k: v.double().cpu() for k, v in full_state(model).items()})
+    torch.cuda.synchronize()
+    if offload == "cpu":
+        extra = torch.cuda.memory_allocated() - training_bytes
+        assert extra <= 1 << 16, f"the offloaded window holds {extra} bytes of device memory"
     merged = {k: v.cpu() for k, v in merger.merged_shards("wma").items()}
-    assert_compressed_merge(merged, chain, [0, 0, *reference_weights("wma", 4)], code, "device")
+    weights = [0, 0, *reference_weights("wma", 4)]
+    assert_compressed_merge(merged, chain, weights, code, f"device, offload {offload}")
     state = merger._state
     host = CompressedWindow([t.cpu() for t in state.slots[0]], 4, code=code, blocks=state.blocks)
     for snapshot in live:
@@ -233,3 +253,7 @@ def test_compressed_windows_on_the_device_encode_as_the_cpu_kernel_does(code: st
             assert torch.equal(
                 d.cpu().reshape(-1).view(torch.uint8), h.reshape(-1).view(torch.uint8)
             ), key
+    out = [torch.full(t.shape, float("nan")) for t in live[0]]
+    host.merge_into(out, reference_weights("wma", 4))
+    for name, expected in zip(merger.names, out):
+        assert torch.equal(merged[name].view(torch.int32), expected.view(torch.int32)), name

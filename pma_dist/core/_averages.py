@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..config import PMAConfig, PMAConfigError
+from ..config import PMAConfig
 from ..kernels import BLOCK, Runs, Tensors, fold_group
 from ._compressed import CompressedWindow
 from ._records import SlotRecord
@@ -176,12 +176,5 @@ def state_for(
         return RunningAverage(like, config.method, config.ema_alpha, dtype=dtype, **options)
     if config.compression == "none":
         return WindowAverage(like, config.window, dtype=dtype, **options)
-    devices = sorted({str(t.device) for t in like if t.device.type != "cpu"})
-    if devices and config.offload != "none":
-        raise PMAConfigError(
-            f"pma.compression = {config.compression!r} with pma.offload = {config.offload!r}: "
-            f"a compressed window of tensors on {', '.join(devices)} is kept beside them for "
-            "now; set pma.offload = 'none' or pma.compression = 'none'"
-        )
     blocks = [BLOCK] * len(like) if blocks is None else list(blocks)
     return CompressedWindow(like, config.window, code=config.compression, blocks=blocks, **options)

@@ -23,6 +23,7 @@ k >= 1 the snapshot whose difference plane k holds; ``slots[0]`` is R, ``slots[k
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import astuple, replace
 
@@ -41,6 +42,7 @@ from ..kernels import (
 )
 from ._records import SlotRecord
 from ._slots import AveragingState
+from ._staged import HostStaging
 
 
 def chain_of(records: Sequence[SlotRecord | None]) -> list[int]:
@@ -80,8 +82,13 @@ class CompressedWindow(AveragingState):
         blocks: Sequence[int],
         offload: str = "none",
         runs: Sequence[Runs] | None = None,
+        stage: bool | None = None,
     ) -> None:
         super().__init__(like, 0, dtype=torch.float32, offload=offload, runs=runs)
+        stage = bool(self._side_copies) if stage is None else stage
+        self._staging = HostStaging(like, self._side_copies) if stage else None
+        """Where snapshots wait to be encoded on the host (``_staged``): with ``stage``, by
+        default where accelerator tensors keep their window in host memory."""
         self.window = window
         self.code = code
         """The difference code: ``"bf16"`` or ``"fp8"``."""
@@ -117,6 +124,12 @@ class CompressedWindow(AveragingState):
         planes = [*self.slots, *self.scales]
         return sum(t.numel() * t.element_size() for plane in planes for t in plane)
 
+    def wait_host(self) -> None:
+        """Block until the pending snapshot is in the window (copied, and encoded)."""
+        super().wait_host()
+        if self._staging is not None:
+            self._staging.join()
+
     def chain(self) -> list[int]:
         """Physical planes of the held snapshots, oldest first (0 is the oldest's)."""
         return chain_of(self.records)
@@ -136,6 +149,7 @@ class CompressedWindow(AveragingState):
         """``base`` (R), ``deltas.<k>`` (plane k's differences) and ``scales.<k>`` (their
         block exponents, fp8): keys no uncompressed window uses, so that a checkpoint of one
         kind never fills the other."""
+        self.wait_host()
         deltas = [(f"deltas.{k}", self.slots[k]) for k in range(1, self.window)]
         scales = [(f"scales.{k}", plane) for k, plane in enumerate(self.scales, 1)]
         return [("base", self.slots[0]), *deltas, *scales]
@@ -147,17 +161,19 @@ class CompressedWindow(AveragingState):
         on the device (a non-finite element is stored as no change, so the planes stay
         finite either way)."""
         self._check(tensors)
+        self.wait_host()
         chain = self.chain()
         record = SlotRecord(self.next_seq, step, tokens)
         if not chain or self.window == 1:
-            flag = self._restart(tensors)
+            encode = self._restart
             self.records = [record] + [None] * (self.window - 1)
         else:
             plane = self.next_slot()
             if len(chain) == self.window:
                 self.records[0], self.records[plane] = self.records[plane], None
-            flag = self._encode(tensors, plane)
+            encode = functools.partial(self._encode, plane=plane)
             self.records[plane] = record
+        flag = encode(tensors) if self._staging is None else self._staging.start(tensors, encode)
         self.next_seq += 1
         self.count += 1
         return flag if check else None
@@ -192,6 +208,7 @@ class CompressedWindow(AveragingState):
         block layout): the first exactly into the base, each later one as a difference into
         the plane ``planes`` names for it (``planes[j]`` for snapshot j, ``planes[0]`` being
         the base's 0; default: the planes in order from the first)."""
+        self.wait_host()
         base = self.slots[0][tensor]
         for j, snapshot in enumerate(snapshots):
             if j == 0:
@@ -216,6 +233,7 @@ class CompressedWindow(AveragingState):
     def drop_since(self, step: int) -> list[SlotRecord]:
         """Take every snapshot taken at ``step`` or later off the chain (the newest: steps only
         grow) and rewind R to the newest one kept; the valid ones dropped, oldest first."""
+        self.wait_host()
         chain = self.chain()
         dropped = [k for k in chain if self.records[k].step >= step]
         if dropped != chain[len(chain) - len(dropped) :]:
@@ -246,6 +264,7 @@ class CompressedWindow(AveragingState):
         """Write the weighted sum of the valid snapshots (oldest first) into ``out``, in one
         pass over R and the differences that newer snapshots need; differences older than
         every weighted snapshot are not read."""
+        self.wait_host()
         chain = self.chain()
         valid = [k for k in chain if self.records[k].valid]
         if not valid:

@@ -13,8 +13,9 @@ finite difference or the base would round past float32's range (|d| near 3.4e38)
 and leaves the base as it is, so no plane ever holds a non-finite value, and says so.
 ``merge`` writes ``W * base - S`` with ``S = sum_k deq(d_k) * P_k`` summed in float32 (small
 values: its rounding is far below the codes') and the subtraction in float64, rounded once.
-On CPU both run as compiled kernels (``_cpu``); elsewhere, or without a compiler, the torch
-expressions here do the same work with the same bits.
+On CPU both run as compiled kernels (``_cpu``), on CUDA as Triton kernels (``_triton_codes``);
+elsewhere, or without a compiler, the torch expressions here do the same work with the same
+bits.
 
 Blocks lie along rows (``_segments``): the last dimension of a tensor, or each run of real
 elements of a padded flat partition. A run is what the owner hands over: one parameter's shard
@@ -29,7 +30,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from . import _cpu
+from . import _cpu, _triton_codes
 from ._segments import Segment, exps_of, pieces
 
 CODES = ("bf16", "fp8")
@@ -71,6 +72,10 @@ def encode(
             views = _views(seg, flat_base, flat_live, flat_delta, flat_exps)
             finite = _cpu.encode(code, *views, seg.rows, seg.row, seg.block) and finite
         return flag if finite else flag.zero_()
+    if _triton_codes.suits_code(code, base, flat_live):
+        found = _triton_codes.encode(code, flat_base, flat_live, flat_delta, flat_exps, segs)
+        if found is not None:
+            return found
     flags = [
         _encode_torch(code, *_views(piece, flat_base, flat_live, flat_delta, flat_exps), piece)
         for piece in pieces(segs)
@@ -88,8 +93,9 @@ def merge(
 ) -> None:
     """``out = weight * base - sum_k coeff_k * deq(delta_k)`` over ``segs``, ``planes`` being
     ``(delta_k, exps_k, coeff_k)``; ``out`` may be ``base`` itself, any float dtype and any
-    strides (a channels_last weight is merged into a contiguous copy first)."""
-    if not out.is_contiguous():
+    strides (a channels_last weight is merged into a contiguous copy first) and may live on
+    the device when the window is in host memory (merged on the host, then copied)."""
+    if not out.is_contiguous() or out.device != base.device:
         staged = torch.empty(out.shape, dtype=torch.float32, device=base.device)
         merge(code, staged, base, weight, planes, segs)
         out.copy_(staged)
@@ -98,6 +104,9 @@ def merge(
     direct = out.dtype == torch.float32 and out.is_contiguous()
     flat_out, flat_base = out.view(-1), base.view(-1)
     flat_planes = [(d.view(-1), e.view(-1) if e is not None else None, c) for d, e, c in planes]
+    if out.dtype in _triton_codes.OUT_DTYPES and _triton_codes.suits_code(code, base):
+        if _triton_codes.merge(code, flat_out, flat_base, weight, flat_planes, segs):
+            return
     for piece in segs if compiled and direct else pieces(segs):
         lo, hi = piece.start, piece.start + piece.numel
         sliced = [(d[lo:hi], exps_of(e, piece), c) for d, e, c in flat_planes]

@@ -10,6 +10,7 @@ waits for it. Everything here is device-agnostic (CUDA, XPU, ... through
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -52,8 +53,9 @@ class SideStreamCopy:
         self._stream = self._module.Stream(device=device)
         self._event = None
 
-    def copy(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
-        """Start ``dst[i].copy_(src[i])`` for all i, after the work queued so far on ``src``.
+    def copy(self, dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> Any:
+        """Start ``dst[i].copy_(src[i])`` for all i, after the work queued so far on ``src``;
+        the event that marks its end.
 
         A copy that changes dtype converts on the device first; chunks bound that temporary."""
         self._stream.wait_stream(self._module.current_stream(self._device))
@@ -70,6 +72,7 @@ class SideStreamCopy:
                     flat_dst[part].copy_(flat_src[part], non_blocking=True)
             self._event = self._module.Event()
             self._event.record(self._stream)
+        return self._event
 
     def wait_device(self) -> None:
         """Make the current stream wait for the pending copy (no host sync)."""

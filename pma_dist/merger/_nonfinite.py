@@ -64,6 +64,7 @@ class NonFiniteGuard:
         ``state`` on every rank (all of them, before raising as the policy says)."""
         if not self.pending:
             return
+        state.wait_host()  # verdicts found on the host are in their flags
         seqs = [seq for seq, _ in self.pending]
         flags = [flag.to(self.pending[0][1].device) for _, flag in self.pending]
         self.pending = []
