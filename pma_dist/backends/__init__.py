@@ -8,9 +8,10 @@ backend knows an engine: the rest of pma_dist sees :class:`Backend`, :class:`Sha
 
 Modules: ``_base`` (the interface and its vocabulary), ``_params`` (what every backend needs of
 a module), ``_plain``, ``_fsdp2``, ``_deepspeed`` (+ ``_deepspeed_names``; ``_deepspeed_probe``
-tells DeepSpeed objects apart without importing it), ``_sources`` and ``_delivery`` (full
-tensors for export), ``_optimizers`` (unwrapping optimizer wrappers). Importing this face
-imports no engine, nor DTensor: the engine modules load when :func:`select_backend` asks them.
+tells DeepSpeed objects apart without importing it), ``_megatron`` (+ ``_megatron_probe``, the
+same for Megatron-Core), ``_sources`` and ``_delivery`` (full tensors for export),
+``_optimizers`` (unwrapping optimizer wrappers). Importing this face imports no engine, nor
+DTensor: the engine modules load when :func:`select_backend` asks them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 from ._base import Backend, Fragment, Shard, canonical_name, floating_buffers
 from ._deepspeed_probe import check_version as check_deepspeed_version
 from ._deepspeed_probe import is_deepspeed_engine, zero_optimizer_of
+from ._megatron_probe import is_megatron_optimizer
 from ._optimizers import optimizer_chain, unwrap_optimizer
 from ._params import require_parameters, trainable_parameters
 from ._plain import PlainBackend
@@ -40,6 +42,7 @@ __all__ = [
     "check_deepspeed_version",
     "floating_buffers",
     "is_deepspeed_engine",
+    "is_megatron_optimizer",
     "meta_state",
     "module_state",
     "optimizer_chain",
@@ -50,9 +53,11 @@ __all__ = [
     "zero_optimizer_of",
 ]
 
-ENGINES = ("deepspeed", "fsdp2", "plain")
+ENGINES = ("megatron", "deepspeed", "fsdp2", "plain")
 """Engines asked in turn (the modules ``pma_dist.backends._<engine>``); ``plain`` takes any
-model."""
+model. Megatron comes first: its ``ChainedOptimizer`` raises on ``.optimizer`` when it chains
+several, and its mains sit in ``param_groups`` where the others would take them for
+parameters."""
 
 
 def select_backend(

@@ -149,4 +149,5 @@ class Backend(Protocol):
 
     # Optional: ``source()`` returns a :class:`~pma_dist.backends.TensorSource` for
     # export (full tensors as the engine holds them in master precision); without it, export
-    # reads the model's state dict.
+    # reads the model's state dict. ``step_optimizers()`` returns the torch optimizers whose
+    # ``step`` writes the shards (where the one under the optimizer's wrappers is not it).

@@ -3,10 +3,10 @@ accepts, without importing DeepSpeed (nor what its backend imports) where it is 
 
 from __future__ import annotations
 
-import re
 import sys
 
 from ._optimizers import optimizer_chain
+from ._releases import check_release
 
 SUPPORTED_VERSIONS = ((0, 19), (0, 20))
 """DeepSpeed releases whose private layout this backend is tested against: [0.19, 0.20)."""
@@ -19,14 +19,11 @@ def check_version(version: str | None = None) -> None:
 
         version = deepspeed.__version__
     low, high = SUPPORTED_VERSIONS
-    match = re.match(r"(\d+)\.(\d+)", str(version))
-    if match is None or not low <= (int(match[1]), int(match[2])) < high:
-        raise RuntimeError(
-            f"DeepSpeed {version} is not supported by pma_dist: it reads DeepSpeed's private "
-            f"optimizer layout, tested for deepspeed>={low[0]}.{low[1]},<{high[0]}.{high[1]}; "
-            f"install a version in that range (pip install 'deepspeed>={low[0]}.{low[1]},"
-            f"<{high[0]}.{high[1]}')"
-        )
+    pin = f"deepspeed>={low[0]}.{low[1]},<{high[0]}.{high[1]}"
+    why = "DeepSpeed's private optimizer layout"
+    check_release(
+        "DeepSpeed", "deepspeed", version, SUPPORTED_VERSIONS, why, f"pip install '{pin}'"
+    )
 
 
 def is_deepspeed_engine(model: object) -> bool:

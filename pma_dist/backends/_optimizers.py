@@ -18,7 +18,10 @@ def optimizer_chain(optimizer: Any) -> list[Any]:
     chain = []
     while optimizer is not None and len(chain) < MAX_DEPTH:
         chain.append(optimizer)
-        optimizer = getattr(optimizer, "optimizer", None)
+        try:
+            optimizer = getattr(optimizer, "optimizer", None)
+        except Exception:  # noqa: BLE001 - a wrapper of several (Megatron's ChainedOptimizer)
+            break
     return chain
 
 

@@ -6,6 +6,8 @@ its own, so that none needs the others' packages):
 * ``hf``, ``lightning``, ``olmo_core``: a callback of the transformers ``Trainer``, of
   Lightning's and of OLMo-core's.
 * ``torchtitan``: a step hook on the ``OptimizersContainer`` and a checkpoint entry.
+* ``megatron``: ``attach(model, optimizer, config)`` after Megatron-Core's
+  ``get_megatron_optimizer``.
 
 Import the module of the trainer in hand (``from pma_dist.integrations.hf import
 PMACallback``); this face re-exports nothing, so that none of them loads with another.

@@ -37,7 +37,8 @@ class Merger(Readouts, Checkpointing):
 
     The object is a DCP ``Stateful``: pass it in the state dict given to
     ``torch.distributed.checkpoint.save``/``load`` beside the model and optimizer. It installs
-    one hook (an optimizer step pre-hook, with offloaded slots); :meth:`close` removes it.
+    one hook (an optimizer step pre-hook per torch optimizer that writes the shards, with
+    offloaded slots); :meth:`close` removes it.
     """
 
     def __init__(
@@ -69,11 +70,16 @@ class Merger(Readouts, Checkpointing):
         self._swap_active = False
         self._extensions = {}
         self._unclaimed = {}
-        inner = unwrap_optimizer(optimizer)
-        self._step_hooked = inner is not None
+        if hasattr(self.backend, "step_optimizers"):
+            inners = self.backend.step_optimizers()
+        else:
+            inners = [o for o in [unwrap_optimizer(optimizer)] if o is not None]
+        self._step_hooked = bool(inners)
         self._hooks = []
-        if inner is not None and self.config.offload != "none":
-            self._hooks.append(inner.register_step_pre_hook(lambda *_: self._state.wait_device()))
+        if self.config.offload != "none":
+            for inner in inners:
+                hook = inner.register_step_pre_hook(lambda *_: self._state.wait_device())
+                self._hooks.append(hook)
 
     @property
     def num_snapshots(self) -> int:

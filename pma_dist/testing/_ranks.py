@@ -116,7 +116,8 @@ def run_rank_outcomes(
     ``fn`` must be importable by name (a module-level function). With ``stop_on_failure`` the
     other ranks are killed as soon as one fails; without it they run until they end on their
     own (e.g. to see that survivors of a killed rank fail by themselves). Ranks still running
-    at ``timeout`` seconds are killed and have ``exitcode`` None.
+    at ``timeout`` seconds are killed and have ``exitcode`` None (ranks are not daemonic, so
+    that they may start processes of their own; they are killed all the same).
     """
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -127,7 +128,7 @@ def run_rank_outcomes(
             ctx.Process(
                 target=_rank_main,
                 args=(fn, r, world_size, port, out, collective_timeout, backend, args),
-                daemon=True,
+                daemon=False,  # a rank may start processes (Megatron's checkpoint writers)
             )
             for r in range(world_size)
         ]

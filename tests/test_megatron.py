@@ -1,0 +1,186 @@
+"""Megatron-Core (its GPTModel, DDP and distributed optimizer) on 2 CPU gloo ranks, fp32 and bf16:
+PMA over the fp32 main shards, against the offline average of Megatron's own checkpoints.
+
+The references are the mains Megatron saves with ``dist_checkpointing`` after every step, read
+back by its ``load_plain_tensors`` and merged in float64; the CUDA placements are shimmed for
+the CPU by ``tests/support/megatron_cpu`` (test-only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from pma_dist import PMAConfig  # noqa: E402
+from pma_dist.backends import canonical_name  # noqa: E402
+from pma_dist.testing import (  # noqa: E402
+    assert_bitwise_equal,
+    assert_close_rel,
+    reference_weights,
+    run_ranks,
+    window_reference,
+)
+from tests.support.megatron_cpu import (  # noqa: E402
+    assembled,
+    build,
+    checkpoint_mains,
+    megatron_on_cpu,
+    save_checkpoint,
+    teardown,
+)
+
+WINDOW, STEPS = 4, 6
+MERGES = {
+    "sma": {}, "wma": {}, "ema": {}, "cosine": {}, "minus_sqrt": {},
+    "weights": {"weights": [0.1, 0.2, 0.3, 0.4]},
+}  # fmt: skip
+RUNS = {"fp32": {}, "bf16": {}, "moe": {"experts": 4}}
+"""Per run: ``build``'s options beside the dtype (``moe``: fp32 with 4 experts a layer)."""
+PMA = {"window": WINDOW, "interval_steps": 1, "ema_alpha": 0.3}
+
+
+def _mains(merger) -> dict[str, torch.Tensor]:
+    return {s.name: s.local.detach().clone() for s in merger.backend.shards() if not s.buffer}
+
+
+def _model_state(run) -> dict[str, torch.Tensor]:
+    """The model's parameters (every rank holds them whole), under their canonical names."""
+    return {canonical_name(n): p.detach().clone() for n, p in run.model.named_parameters()}
+
+
+def _train_worker(rank: int, world_size: int, root: str) -> dict:
+    """Per run: train, save a Megatron checkpoint after every step, merge every way, swap
+    (forward changes, originals back bitwise), save PMA's per-rank files."""
+    from pma_dist.integrations.megatron import attach, detach
+
+    out = {}
+    with megatron_on_cpu():
+        for kind, options in RUNS.items():
+            run = build("fp32" if kind == "moe" else kind, seed=3, **options)
+            merger = attach(run.model, run.optimizer, PMAConfig(**PMA))
+            for step in range(STEPS):
+                assert run.train_step(step, rank)
+                save_checkpoint(run, f"{root}/{kind}/step{step}")
+            merges = {
+                key: assembled(merger, merger.merged_shards(**(options or {"method": key})))
+                for key, options in MERGES.items()
+            }
+            before, mains, logits = _model_state(run), _mains(merger), run.forward()
+            with merger.swapped("sma"):
+                swapped_logits = run.forward()
+                swapped_mains = assembled(merger, _mains(merger))
+                pushed = _model_state(run)
+            for name, value in pushed.items():  # on every rank, all of each parameter
+                expected = merges["sma"][name].to(value.dtype)
+                assert torch.equal(value, expected), f"{kind}: {name} is not the merge in the swap"
+            assert_bitwise_equal(_model_state(run), before, f"{kind} model after the swap")
+            assert_bitwise_equal(_mains(merger), mains, f"{kind} mains after the swap")
+            assert torch.equal(run.forward(), logits), f"{kind}: the forward came back changed"
+            assert not torch.equal(swapped_logits, logits), f"{kind}: the swap changed nothing"
+            merger.save(f"{root}/{kind}/pma")
+            steps = merger.num_snapshots
+            detach(merger)
+            run.train_step(STEPS, rank)
+            assert merger.num_snapshots == steps, "a detached Merger was stepped"
+            out[kind] = {"merges": merges, "swapped": swapped_mains}
+        teardown()
+    return out
+
+
+def _resume_worker(rank: int, world_size: int, root: str) -> dict:
+    """At another data-parallel size: read Megatron's checkpoints offline, load PMA's files."""
+    from pma_dist.integrations.megatron import attach
+
+    out = {}
+    with megatron_on_cpu():
+        for kind, options in RUNS.items():
+            snapshots = [checkpoint_mains(f"{root}/{kind}/step{s}") for s in range(STEPS)]
+            run = build("fp32" if kind == "moe" else kind, seed=9, **options)
+            merger = attach(run.model, run.optimizer, PMAConfig(**PMA))
+            merger.load(f"{root}/{kind}/pma")
+            merges = {
+                key: assembled(merger, merger.merged_shards(**(options or {"method": key})))
+                for key, options in MERGES.items()
+            }
+            out[kind] = {"snapshots": snapshots, "merges": merges}
+        teardown()
+    return out
+
+
+def test_megatron_merges_equal_the_offline_average_of_its_checkpoints(tmp_path: Path) -> None:
+    """SMA, WMA, EMA, decay-shaped merges and explicit weights over a window of the fp32 mains
+    equal (within float32 rounding) the float64 average of the mains in Megatron's own
+    checkpoints, for fp32, bf16 and MoE models, on 2 ranks whose shards cut parameters; a swap
+    shows the merge to the forward and puts the model and mains back bitwise; the per-rank
+    state resumes at 1 rank bitwise."""
+    trained = run_ranks(_train_worker, 2, str(tmp_path), timeout=600)[0]
+    resumed = run_ranks(_resume_worker, 1, str(tmp_path), timeout=300)[0]
+    for kind in RUNS:
+        snapshots = resumed[kind]["snapshots"]
+        for key, options in MERGES.items():
+            weights = options.get("weights")
+            if key in ("cosine", "minus_sqrt"):  # decay-shaped: their weights
+                weights = reference_weights(key, WINDOW)
+            method = key if key in ("sma", "wma", "ema") else "sma"
+            expected = window_reference(snapshots, WINDOW, method, PMA["ema_alpha"], weights)
+            merged = trained[kind]["merges"][key]
+            assert set(merged) == set(expected), f"{kind}: names differ"
+            assert_close_rel(merged, expected, 1e-6, f"{kind} {key}")
+            assert_bitwise_equal(resumed[kind]["merges"][key], merged, f"{kind} {key} at 1 rank")
+        assert_bitwise_equal(trained[kind]["swapped"], trained[kind]["merges"]["sma"], "swap")
+
+
+def _refusal_worker(rank: int, world_size: int) -> dict:
+    """A step Megatron skips takes no snapshot; what the backend cannot average is refused."""
+    from pma_dist.integrations.megatron import attach
+
+    out = {}
+    with megatron_on_cpu():
+        run = build("fp16", seed=1)
+        merger = attach(run.model, run.optimizer, PMAConfig(window=3, interval_steps=1))
+        taken = [(run.train_step(s, rank, overflow=s == 1), merger.num_snapshots) for s in range(3)]
+        out["skip"] = taken
+        out["steps"] = merger.schedule.steps_seen
+        config = PMAConfig(window=3, interval_steps=1)
+        sgd = torch.optim.SGD(run.model.parameters())
+        for what, call in {
+            "plain optimizer": lambda: attach(*_pair(build("bf16", distributed=False)), config),
+            "two chunks": lambda: attach([run.model, run.model], run.optimizer, config),
+            "torch optimizer": lambda: attach(run.model, sgd, config),
+            "twice": lambda: attach(run.model, run.optimizer, config),
+            "no config": lambda: attach(run.model, run.optimizer),
+        }.items():
+            try:
+                call()
+                out[what] = None
+            except (ValueError, TypeError, RuntimeError) as err:
+                out[what] = str(err)
+        teardown()
+    return out
+
+
+def _pair(run) -> tuple:
+    return run.model, run.optimizer
+
+
+def test_skipped_steps_take_no_snapshot_and_unsupported_setups_are_refused() -> None:
+    result = run_ranks(_refusal_worker, 1, timeout=300)[0]
+    assert result["skip"] == [(True, 1), (False, 1), (True, 2)], result["skip"]
+    assert result["steps"] == 2, "a skipped step was counted"
+    assert "use_distributed_optimizer=True" in result["plain optimizer"]
+    assert "virtual pipeline" in result["two chunks"]
+    assert "get_megatron_optimizer" in result["torch optimizer"]
+    assert "already wrapped" in result["twice"]
+    assert "megatron.attach: config is required" in result["no config"]
+
+
+def test_megatron_versions_outside_the_tested_range_are_refused() -> None:
+    from pma_dist.backends._megatron_probe import check_version
+
+    check_version("0.16.1")
+    for version in ("0.15.2", "0.17.0", "1.0", "nightly"):
+        with pytest.raises(RuntimeError, match=r"megatron-core>=0\.16,<0\.17"):
+            check_version(version)
