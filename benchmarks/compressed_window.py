@@ -153,7 +153,7 @@ def speed(millions: int, repeats: int, device: torch.device) -> dict:
             merger.snapshot()
     cases = {"foreach_copy": lambda: torch._foreach_copy_(copies, params)}
     for kind, merger in mergers.items():
-        cases[f"snapshot {kind}"] = merger.snapshot
+        cases[f"snapshot {kind}"] = lambda m=merger: (m.snapshot(), m._state.wait_host())
         cases[f"merge {kind}"] = lambda m=merger: m.merged_shards("sma")
     t = interleaved_medians(cases, device, repeats)
     copy_bytes = 2 * sum(p.numel() * 4 for p in params)

@@ -1,5 +1,5 @@
 """Megatron-Core 0.16 with PMA: the lines a Megatron training loop adds (needs GPUs, as
-Megatron-Core's CUDA code does; data parallelism only, with the distributed optimizer):
+Megatron-Core's CUDA code does; data and tensor parallelism, with the distributed optimizer):
 
     torchrun --standalone --nproc-per-node 8 launch/megatron_example.py
 

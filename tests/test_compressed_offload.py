@@ -69,3 +69,31 @@ def test_a_failed_host_encode_is_raised_by_the_next_wait() -> None:
         staging.join()
     assert isinstance(caught.value.__cause__, ValueError)
     staging.join()  # raised once, then clear
+
+
+def test_a_failed_host_encode_empties_the_window_and_the_next_snapshot_starts_anew(
+    monkeypatch,
+) -> None:
+    """The base may be half updated by an encode that failed: the window is emptied when the
+    failure is raised, so no merge reads it, and the next snapshot starts a new chain."""
+    from pma_dist.core import _compressed
+
+    staged, _ = _states("fp8", 3)
+    snapshots = [[torch.randn(s) * 0.02 for s in SHAPES] for _ in range(3)]
+    staged.snapshot(snapshots[0])
+    staged.snapshot(snapshots[1])
+    staged.wait_host()
+
+    def broken(*args, **kwargs):
+        raise MemoryError("the host ran out")
+
+    monkeypatch.setattr(_compressed, "encode_delta", broken)
+    staged.snapshot(snapshots[2])
+    with pytest.raises(RuntimeError, match="host encode"):
+        staged.wait_host()
+    assert staged.chain() == [] and staged.count == 0
+    monkeypatch.undo()
+    staged.snapshot(snapshots[0])
+    out = [torch.full(s, float("nan")) for s in SHAPES]
+    staged.merge_into(out, [1.0])
+    assert_bitwise_equal(dict(enumerate(out)), dict(enumerate(snapshots[0])), "a new chain")

@@ -7,6 +7,7 @@ the CPU by ``tests/support/megatron_cpu`` (test-only)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,16 @@ MERGES = {
     "sma": {}, "wma": {}, "ema": {}, "cosine": {}, "minus_sqrt": {},
     "weights": {"weights": [0.1, 0.2, 0.3, 0.4]},
 }  # fmt: skip
-RUNS = {"fp32": {}, "bf16": {}, "moe": {"experts": 4}}
-"""Per run: ``build``'s options beside the dtype (``moe``: fp32 with 4 experts a layer)."""
+RUNS = {
+    "fp32": {},
+    "bf16": {},
+    "moe": {"experts": 4},
+    "tp": {"tensor_parallel": 2, "gated": True, "vocab": 38},
+}
+"""Per run: ``build``'s options beside the dtype (``moe``: fp32 with 4 experts a layer; ``tp``:
+fp32 and SwiGLU, sliced over the 2 ranks; resumed at 1 rank, whole)."""
+DTYPE = {"bf16": "bf16"}
+"""The dtype of a run (fp32 where not named)."""
 PMA = {"window": WINDOW, "interval_steps": 1, "ema_alpha": 0.3}
 
 
@@ -59,7 +68,7 @@ def _train_worker(rank: int, world_size: int, root: str) -> dict:
     out = {}
     with megatron_on_cpu():
         for kind, options in RUNS.items():
-            run = build("fp32" if kind == "moe" else kind, seed=3, **options)
+            run = build(DTYPE.get(kind, "fp32"), seed=3, **options)
             merger = attach(run.model, run.optimizer, PMAConfig(**PMA))
             for step in range(STEPS):
                 assert run.train_step(step, rank)
@@ -73,9 +82,10 @@ def _train_worker(rank: int, world_size: int, root: str) -> dict:
                 swapped_logits = run.forward()
                 swapped_mains = assembled(merger, _mains(merger))
                 pushed = _model_state(run)
-            for name, value in pushed.items():  # on every rank, all of each parameter
+            for name, value in pushed.items():  # every rank holds all of each (or its slice)
                 expected = merges["sma"][name].to(value.dtype)
-                assert torch.equal(value, expected), f"{kind}: {name} is not the merge in the swap"
+                if expected.shape == value.shape:
+                    assert torch.equal(value, expected), f"{kind}: {name} is not the merge"
             assert_bitwise_equal(_model_state(run), before, f"{kind} model after the swap")
             assert_bitwise_equal(_mains(merger), mains, f"{kind} mains after the swap")
             assert torch.equal(run.forward(), logits), f"{kind}: the forward came back changed"
@@ -98,7 +108,8 @@ def _resume_worker(rank: int, world_size: int, root: str) -> dict:
     with megatron_on_cpu():
         for kind, options in RUNS.items():
             snapshots = [checkpoint_mains(f"{root}/{kind}/step{s}") for s in range(STEPS)]
-            run = build("fp32" if kind == "moe" else kind, seed=9, **options)
+            whole = {k: v for k, v in options.items() if k != "tensor_parallel"}
+            run = build(DTYPE.get(kind, "fp32"), seed=9, **whole)
             merger = attach(run.model, run.optimizer, PMAConfig(**PMA))
             merger.load(f"{root}/{kind}/pma")
             merges = {
@@ -135,7 +146,7 @@ def test_megatron_merges_equal_the_offline_average_of_its_checkpoints(tmp_path: 
 
 def _refusal_worker(rank: int, world_size: int) -> dict:
     """A step Megatron skips takes no snapshot; what the backend cannot average is refused."""
-    from pma_dist.integrations.megatron import attach
+    from pma_dist.integrations.megatron import attach, detach
 
     out = {}
     with megatron_on_cpu():
@@ -158,6 +169,21 @@ def _refusal_worker(rank: int, world_size: int) -> dict:
                 out[what] = None
             except (ValueError, TypeError, RuntimeError) as err:
                 out[what] = str(err)
+        detach(merger)
+        inner = run.optimizer.chained_optimizers[0]
+        for owner, flag in (
+            (inner.config, "use_precision_aware_optimizer"),
+            (inner.config, "optimizer_cpu_offload"),
+            (inner.config, "overlap_param_gather_with_optimizer_step"),
+            (inner.ddp_config, "use_megatron_fsdp"),
+        ):  # the settings as the backend reads them from a built optimizer
+            setattr(owner, flag, True)
+            try:
+                attach(run.model, run.optimizer, config)
+                out[flag] = None
+            except ValueError as err:
+                out[flag] = str(err)
+            setattr(owner, flag, False)
         teardown()
     return out
 
@@ -175,6 +201,11 @@ def test_skipped_steps_take_no_snapshot_and_unsupported_setups_are_refused() -> 
     assert "get_megatron_optimizer" in result["torch optimizer"]
     assert "already wrapped" in result["twice"]
     assert "megatron.attach: config is required" in result["no config"]
+    for flag in (
+        "use_precision_aware_optimizer", "optimizer_cpu_offload",
+        "overlap_param_gather_with_optimizer_step", "use_megatron_fsdp",
+    ):  # fmt: skip
+        assert f"{flag} = True is not supported" in result[flag], result[flag]
 
 
 def test_megatron_versions_outside_the_tested_range_are_refused() -> None:
@@ -184,3 +215,30 @@ def test_megatron_versions_outside_the_tested_range_are_refused() -> None:
     for version in ("0.15.2", "0.17.0", "1.0", "nightly"):
         with pytest.raises(RuntimeError, match=r"megatron-core>=0\.16,<0\.17"):
             check_version(version)
+
+
+@pytest.mark.parametrize(
+    ("shape", "dim", "chunks"), [((6, 5), 0, 1), ((6, 4), 1, 1), ((8, 3), 0, 2), ((3, 4, 6), 1, 1)]
+)
+def test_tensor_parallel_slices_map_to_the_whole_parameter(shape, dim, chunks) -> None:
+    """Each run a slice reports holds the whole parameter's elements at the offsets given, for
+    every range of the slice: column- and row-parallel slices, and a gated ``linear_fc1``
+    whose gate and up halves are each sliced (Megatron's layout of the whole)."""
+    from pma_dist.backends._megatron import SliceLayout
+
+    size = 2
+    whole = torch.arange(math.prod(shape), dtype=torch.float64).view(shape)
+    halves = whole.chunk(chunks, dim)
+    for rank in range(size):
+        local = torch.cat([half.chunk(size, dim)[rank] for half in halves], dim).reshape(-1)
+        local_shape = list(shape)
+        local_shape[dim] //= size
+        layout = SliceLayout(tuple(local_shape), dim, rank, size, chunks)
+        assert layout.global_shape == shape
+        for lo, hi in ((0, local.numel()), (1, local.numel() - 2), (3, 4), (5, 5)):
+            covered = 0
+            for start, numel, at in layout.runs(lo, hi):
+                assert at == lo + covered, "runs out of order or with gaps"
+                assert torch.equal(whole.view(-1)[start : start + numel], local[at : at + numel])
+                covered += numel
+            assert covered == hi - lo

@@ -11,6 +11,13 @@ parameter, cut where the data-parallel shards of the gradient buffer are cut. Ea
 shard here, named by the parameter's name with its offset as a fragment, so per-rank saves
 reshard to any data-parallel size.
 
+Under tensor parallelism a rank holds a slice of each sliced parameter (``tensor_model_parallel``
+along ``partition_dim``, in ``partition_stride`` parts: a gated MLP's fused gate and up
+projections are sliced each); its range is described in the whole parameter's elements, one
+fragment per stretch that is contiguous in both (:class:`SliceLayout`), so the same per-rank
+files reshard to another tensor-parallel size too. Parameters every tensor-parallel rank holds
+whole (norms) are replicas, as under DDP.
+
 Writes (swaps, ``apply``) go to the mains, then to the model parameters as Megatron's own step
 sends them: ``_copy_main_params_to_model_params()`` into each rank's range of the parameter
 buffer, then ``start_param_sync(force_sync=True)``, the all-gather of every model chunk.
@@ -22,6 +29,9 @@ elsewhere are refused by name.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,8 +53,15 @@ class MegatronBackend:
         """The optimizers whose mains are averaged (stub optimizers, which own nothing, aside)."""
         self.optimizers = [o for o in self.optimizers if not getattr(o, "is_stub_optimizer", False)]
         _refuse_unsupported(optimizer, self.optimizers)
+        from megatron.core import parallel_state
+
         self._names = {id(p): canonical_name(n) for n, p in model.named_parameters()}
         self._chunks = list(getattr(optimizer, "model_chunks", []))
+        self._tp = (
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        )
+        self._fragments: dict[int, tuple[Fragment, ...]] = {}
 
     def shards(self) -> list[Shard]:
         out = []
@@ -65,10 +82,25 @@ class MegatronBackend:
                 f"{tuple(param.shape)} that the model does not hold; pass the model chunk the "
                 "optimizer was built for"
             )
-        name, shape = self._names[id(param)], tuple(param.shape)
+        name = self._names[id(param)]
+        if id(param) not in self._fragments:
+            self._fragments[id(param)] = self._describe(opt, name, param)
+        fragments = self._fragments[id(param)]
+        return Shard(name, main, fragments[0].shape, None, fragments)
+
+    def _describe(self, opt: Any, name: str, param: torch.Tensor) -> tuple[Fragment, ...]:
+        """Where this rank's range of ``param`` lies in the whole parameter: one run, or, for a
+        tensor-parallel slice, a run per stretch that is contiguous in both."""
         span = opt._get_model_param_range_map(param)["param"]
-        fragment = Fragment(name, shape, span.start, span.size, 0)
-        return Shard(name, main, shape, None, (fragment,))
+        shape = tuple(param.shape)
+        if not getattr(param, "tensor_model_parallel", False) or self._tp[1] == 1:
+            return (Fragment(name, shape, span.start, span.size),)
+        chunks = getattr(param, "partition_stride", 1)
+        layout = SliceLayout(shape, param.partition_dim, *self._tp, chunks=chunks)
+        return tuple(
+            Fragment(name, layout.global_shape, start, numel, local - span.start)
+            for start, numel, local in layout.runs(span.start, span.end)
+        )
 
     def step_optimizers(self) -> list[torch.optim.Optimizer]:
         """The torch optimizers whose ``step`` writes the mains."""
@@ -86,10 +118,47 @@ class MegatronBackend:
             chunk.start_param_sync(force_sync=True)
 
 
+@dataclass(frozen=True)
+class SliceLayout:
+    """A tensor-parallel rank's slice of a parameter: ``local_shape``, cut from the whole along
+    ``dim`` into ``size`` equal slices, of which this is slice ``rank``. With ``chunks`` > 1
+    (Megatron's ``partition_stride``: 2 for the fused gate and up projections of a gated
+    MLP's ``linear_fc1``) the whole is ``chunks`` parts along ``dim``, each cut so, and the
+    slice holds its piece of each, one after the other."""
+
+    local_shape: tuple[int, ...]
+    dim: int
+    rank: int
+    size: int
+    chunks: int = 1
+
+    @property
+    def global_shape(self) -> tuple[int, ...]:
+        shape = list(self.local_shape)
+        shape[self.dim] *= self.size
+        return tuple(shape)
+
+    def runs(self, lo: int, hi: int) -> Iterator[tuple[int, int, int]]:
+        """``(whole start, numel, local start)`` of each stretch of local elements ``[lo, hi)``
+        that is contiguous in the whole parameter, in order."""
+        inner = math.prod(self.local_shape[self.dim + 1 :])
+        part = self.local_shape[self.dim] // self.chunks
+        length, whole = part * inner, self.local_shape[self.dim] * self.size * inner
+        first = lo // length
+        for index in range(first, -(-hi // length)):
+            o, j = divmod(index, self.chunks)
+            local = index * length
+            start = o * whole + (j * part * self.size + self.rank * part) * inner
+            a, b = max(lo, local), min(hi, local + length)
+            if a < b:
+                yield start + a - local, b - a, a
+
+
 def _refuse_unsupported(optimizer: Any, optimizers: list[Any]) -> None:
     """Raise ``ValueError`` naming the setting for layouts whose mains this backend cannot
     read: optimizers other than the distributed one, the precision-aware optimizer, optimizer
-    CPU offload, Megatron-FSDP, and pipeline, tensor or expert model parallelism."""
+    CPU offload, Megatron-FSDP, pipeline and expert model parallelism, and experts sliced
+    otherwise than the dense layers."""
     from megatron.core import parallel_state
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -110,20 +179,31 @@ def _refuse_unsupported(optimizer: Any, optimizers: list[Any]) -> None:
         if config.optimizer_cpu_offload:
             refuse("OptimizerConfig.optimizer_cpu_offload = True", "its mains live in the "
                    "offloaded optimizer; set it to False")  # fmt: skip
+        if getattr(config, "overlap_param_gather_with_optimizer_step", False):
+            refuse("OptimizerConfig.overlap_param_gather_with_optimizer_step = True", "its "
+                   "all-gather of the parameters is still in flight after the step, so a swap "
+                   "would race it; set it to False")  # fmt: skip
         if ddp.use_megatron_fsdp:
             refuse("DistributedDataParallelConfig.use_megatron_fsdp = True", "Megatron-FSDP "
                    "shards parameters its own way; use the distributed optimizer")  # fmt: skip
-    sizes = {
-        "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-        "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-        "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
-    }
-    for setting, size in sizes.items():
-        if size > 1:
-            refuse(
-                f"{setting} = {size}",
-                "names of model-parallel slices are not global yet; data parallelism only",
-            )
+    pipeline = parallel_state.get_pipeline_model_parallel_world_size()
+    if pipeline > 1:
+        refuse(f"pipeline_model_parallel_size = {pipeline}", "each stage names its layers from 0")
+    experts = parallel_state.get_expert_model_parallel_world_size()
+    if experts > 1:
+        refuse(
+            f"expert_model_parallel_size = {experts}",
+            "Megatron-Core's local expert layers are not marked expert-parallel, so experts "
+            "train as dense parameters there, and Transformer Engine's are not tested",
+        )
+    tensor = parallel_state.get_tensor_model_parallel_world_size()
+    expert_tensor = parallel_state.get_expert_tensor_parallel_world_size()
+    if expert_tensor != tensor:
+        refuse(
+            f"expert_tensor_parallel_size = {expert_tensor} with tensor_model_parallel_size = "
+            f"{tensor}",
+            "experts are sliced like the dense layers only",
+        )
     if len(getattr(optimizer, "model_chunks", [])) > 1:
         refuse("several model chunks (virtual pipeline parallelism)", "one chunk per rank")
 

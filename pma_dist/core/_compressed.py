@@ -121,14 +121,23 @@ class CompressedWindow(AveragingState):
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the base, the planes and their scales, and the host staging copy if any."""
         planes = [*self.slots, *self.scales]
-        return sum(t.numel() * t.element_size() for plane in planes for t in plane)
+        staged = self._staging.nbytes if self._staging is not None else 0
+        return staged + sum(t.numel() * t.element_size() for plane in planes for t in plane)
 
     def wait_host(self) -> None:
-        """Block until the pending snapshot is in the window (copied, and encoded)."""
+        """Block until the pending snapshot is in the window (copied, and encoded). If its
+        host encode failed, the window is emptied (the base may be half updated: the next
+        snapshot starts a new chain) and the error raised."""
         super().wait_host()
-        if self._staging is not None:
+        if self._staging is None:
+            return
+        try:
             self._staging.join()
+        except RuntimeError:
+            self.records, self.count = [None] * self.window, 0
+            raise
 
     def chain(self) -> list[int]:
         """Physical planes of the held snapshots, oldest first (0 is the oldest's)."""

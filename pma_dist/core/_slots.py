@@ -167,6 +167,11 @@ class AveragingState:
 
     def wait_host(self) -> None:
         """Block until pending snapshot copies into host slots have finished."""
+        self.wait_copied()
+
+    def wait_copied(self) -> None:
+        """Block until pending snapshots have read the shard (it may change after), whatever
+        host work on them is still to come."""
         for side in self._side_copies.values():
             side.wait_host()
 

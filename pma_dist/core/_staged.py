@@ -48,8 +48,12 @@ class HostStaging:
                 staged.copy_(tensor)
         flag = torch.zeros(())
 
+        devices = list(self._copies)
+
         def work() -> None:
             try:
+                if devices:  # this thread's current device: the shard's, not device 0
+                    torch.get_device_module(devices[0]).set_device(devices[0])
                 for event in events:
                     event.synchronize()
                 flag.copy_(job(self.staging))
@@ -62,9 +66,9 @@ class HostStaging:
 
     def join(self) -> None:
         """Wait for the pending encode; raise what it raised."""
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.join()
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
         error, self._error = self._error, None
         if error is not None:
             raise RuntimeError("the host encode of the last snapshot failed") from error

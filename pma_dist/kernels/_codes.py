@@ -96,7 +96,7 @@ def merge(
     strides (a channels_last weight is merged into a contiguous copy first) and may live on
     the device when the window is in host memory (merged on the host, then copied)."""
     if not out.is_contiguous() or out.device != base.device:
-        staged = torch.empty(out.shape, dtype=torch.float32, device=base.device)
+        staged = torch.zeros(out.shape, dtype=torch.float32, device=base.device)  # padding: 0
         merge(code, staged, base, weight, planes, segs)
         out.copy_(staged)
         return

@@ -152,7 +152,7 @@ class Merger(Readouts, Checkpointing):
         if len(self._guard.pending) >= held:
             self.agree()
         if not self._step_hooked:
-            self._state.wait_host()
+            self._state.wait_copied()
         return True
 
     def agree(self) -> None:

@@ -1,6 +1,7 @@
 """Test-only: Megatron-Core's model, DDP and distributed optimizer on CPU gloo ranks.
 
 Megatron places tensors on CUDA by name (``device="cuda"``, ``torch.cuda.current_device()``,
+which is ``"cpu"`` here, also in backward passes, which run outside the function mode;
 ``.cuda()``), checks parameter kinds by their CUDA type names, and seeds a CUDA generator. For
 the duration of :func:`megatron_on_cpu` these placements land on the CPU and those names are
 the CUDA ones (and the MoE router's Transformer Engine GEMM, which 0.16 names only where TE
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 VOCAB = 37
@@ -74,7 +76,7 @@ def megatron_on_cpu() -> Iterator[None]:
         setattr(owner, name, value)
 
     patch(torch.Tensor, "type", _cuda_type_name)
-    patch(torch.cuda, "current_device", lambda: 0)
+    patch(torch.cuda, "current_device", lambda: "cpu")
     patch(torch.cuda, "synchronize", lambda *_, **__: None)
     patch(torch.cuda, "empty_cache", lambda *_, **__: None)
     patch(torch.cuda, "get_rng_state", lambda *_, **__: torch.get_rng_state())
@@ -126,13 +128,22 @@ class Run:
 
 
 def build(
-    dtype: str, seed: int = 0, lr: float = 1e-2, distributed: bool = True, experts: int = 0
+    dtype: str,
+    seed: int = 0,
+    lr: float = 1e-2,
+    distributed: bool = True,
+    experts: int = 0,
+    tensor_parallel: int = 1,
+    gated: bool = False,
+    vocab: int = VOCAB,
 ) -> Run:
     """A 2-layer GPT (hidden 24, ffn 96, vocabulary 37: sizes that do not divide by 2 or 4 ranks
     evenly across bucket shards) in ``dtype`` (fp32, bf16 or fp16), with ``experts`` MoE
-    experts of ffn 40 (top-2, no biases) if any, under Megatron's DDP and its distributed
-    optimizer (or, without ``distributed``, its plain one). Call inside :func:`megatron_on_cpu`
-    after ``torch.distributed`` is up."""
+    experts of ffn 40 (top-2, no biases) if any, a gated (SwiGLU) MLP if ``gated``, sliced over
+    ``tensor_parallel`` ranks (``vocab`` divisible by them), under Megatron's DDP and its
+    distributed optimizer (or, without ``distributed``, its plain one). Call inside
+    :func:`megatron_on_cpu` after ``torch.distributed`` is up; it (re)builds the model-parallel
+    groups."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -142,8 +153,9 @@ def build(
     from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(1, 1)
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_parallel, 1)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     half = {"bf16": dtype == "bf16", "fp16": dtype == "fp16"}
@@ -156,10 +168,11 @@ def build(
     config = TransformerConfig(
         num_layers=2, hidden_size=24, num_attention_heads=4, ffn_hidden_size=96,
         use_cpu_initialization=True, params_dtype=params_dtype, hidden_dropout=0.0,
-        attention_dropout=0.0, **half, **moe,
+        attention_dropout=0.0, tensor_model_parallel_size=tensor_parallel, **half, **moe,
+        **({"gated_linear_unit": True, "activation_func": F.silu} if gated else {}),
     )  # fmt: skip
     layers = get_gpt_layer_local_spec(num_experts=experts or None, moe_grouped_gemm=False)
-    gpt = GPTModel(config, layers, vocab_size=VOCAB, max_sequence_length=16)
+    gpt = GPTModel(config, layers, vocab_size=vocab, max_sequence_length=16)
     if dtype != "fp32":  # as Megatron's get_model wraps a half-precision model
         gpt = Float16Module(config, gpt)
     ddp_config = DistributedDataParallelConfig(
@@ -183,7 +196,8 @@ def teardown() -> None:
 def assembled(merger: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full float32 parameters from each rank's ``tensors`` (keyed like ``merger.names``, shaped
     like its shards: ``merger.merged_shards()``, or the live mains), put together at the
-    offsets the backend reports, all ranks gathered; every element covered exactly once."""
+    offsets the backend reports, all ranks gathered; every element covered, and the replicas
+    of an element (tensor-parallel ranks hold the norms whole) equal."""
     from pma_dist import _comm as comm
 
     local = []
@@ -203,10 +217,13 @@ def assembled(merger: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
                 shapes[name] = tuple(shape)
                 full[name] = torch.zeros(math.prod(shape))
                 times[name] = torch.zeros(math.prod(shape), dtype=torch.int64)
+            held = times[name][start : start + values.numel()] > 0
+            before = full[name][start : start + values.numel()]
+            assert torch.equal(before[held], values[held]), f"replicas of {name} differ"
             full[name][start : start + values.numel()] = values
             times[name][start : start + values.numel()] += 1
     for name, count in times.items():
-        assert bool((count == 1).all()), f"{name}: elements held by {sorted(set(count.tolist()))}"
+        assert bool((count >= 1).all()), f"{name}: some elements are held by no rank"
     return {name: value.view(shapes[name]) for name, value in full.items()}
 
 
