@@ -28,7 +28,9 @@ from tests.support.megatron_cpu import (  # noqa: E402
     assembled,
     build,
     checkpoint_mains,
+    llama_config,
     megatron_on_cpu,
+    run_tokens,
     save_checkpoint,
     teardown,
 )
@@ -63,7 +65,7 @@ def _model_state(run) -> dict[str, torch.Tensor]:
 def _train_worker(rank: int, world_size: int, root: str) -> dict:
     """Per run: train, save a Megatron checkpoint after every step, merge every way, swap
     (forward changes, originals back bitwise), save PMA's per-rank files."""
-    from pma_dist.integrations.megatron import attach, detach
+    from pma_dist.integrations.megatron import attach, detach, export_checkpoint
 
     out = {}
     with megatron_on_cpu():
@@ -91,6 +93,7 @@ def _train_worker(rank: int, world_size: int, root: str) -> dict:
             assert torch.equal(run.forward(), logits), f"{kind}: the forward came back changed"
             assert not torch.equal(swapped_logits, logits), f"{kind}: the swap changed nothing"
             merger.save(f"{root}/{kind}/pma")
+            export_checkpoint(merger, f"{root}/{kind}/export", "sma")
             steps = merger.num_snapshots
             detach(merger)
             run.train_step(STEPS, rank)
@@ -101,7 +104,10 @@ def _train_worker(rank: int, world_size: int, root: str) -> dict:
 
 
 def _resume_worker(rank: int, world_size: int, root: str) -> dict:
-    """At another data-parallel size: read Megatron's checkpoints offline, load PMA's files."""
+    """At another data-parallel size: read Megatron's checkpoints offline, load the exported
+    merge into a fresh model as Megatron loads a checkpoint, load PMA's files."""
+    from megatron.core import dist_checkpointing
+
     from pma_dist.integrations.megatron import attach
 
     out = {}
@@ -110,13 +116,17 @@ def _resume_worker(rank: int, world_size: int, root: str) -> dict:
             snapshots = [checkpoint_mains(f"{root}/{kind}/step{s}") for s in range(STEPS)]
             whole = {k: v for k, v in options.items() if k != "tensor_parallel"}
             run = build(DTYPE.get(kind, "fp32"), seed=9, **whole)
+            gpt = run.model.module.module if kind == "bf16" else run.model.module  # GPTModel
+            loaded = dist_checkpointing.load(gpt.sharded_state_dict(), f"{root}/{kind}/export")
+            gpt.load_state_dict(loaded)
+            exported = _model_state(run)
             merger = attach(run.model, run.optimizer, PMAConfig(**PMA))
             merger.load(f"{root}/{kind}/pma")
             merges = {
                 key: assembled(merger, merger.merged_shards(**(options or {"method": key})))
                 for key, options in MERGES.items()
             }
-            out[kind] = {"snapshots": snapshots, "merges": merges}
+            out[kind] = {"snapshots": snapshots, "merges": merges, "exported": exported}
         teardown()
     return out
 
@@ -126,7 +136,8 @@ def test_megatron_merges_equal_the_offline_average_of_its_checkpoints(tmp_path: 
     equal (within float32 rounding) the float64 average of the mains in Megatron's own
     checkpoints, for fp32, bf16 and MoE models, on 2 ranks whose shards cut parameters; a swap
     shows the merge to the forward and puts the model and mains back bitwise; the per-rank
-    state resumes at 1 rank bitwise."""
+    state resumes at 1 rank bitwise; the merge exported as a Megatron checkpoint loads into a
+    fresh model at 1 rank (tensor parallelism 2 -> 1 too) as the merge."""
     trained = run_ranks(_train_worker, 2, str(tmp_path), timeout=600)[0]
     resumed = run_ranks(_resume_worker, 1, str(tmp_path), timeout=300)[0]
     for kind in RUNS:
@@ -142,6 +153,11 @@ def test_megatron_merges_equal_the_offline_average_of_its_checkpoints(tmp_path: 
             assert_close_rel(merged, expected, 1e-6, f"{kind} {key}")
             assert_bitwise_equal(resumed[kind]["merges"][key], merged, f"{kind} {key} at 1 rank")
         assert_bitwise_equal(trained[kind]["swapped"], trained[kind]["merges"]["sma"], "swap")
+        exported = resumed[kind]["exported"]
+        assert set(exported) == set(expected), f"{kind}: the export holds other parameters"
+        for name, value in exported.items():  # the merge, in the model's dtype, at 1 rank
+            merged = trained[kind]["merges"]["sma"][name].to(value.dtype)
+            assert torch.equal(value, merged), f"{kind}: exported {name} is not the merge"
 
 
 def _refusal_worker(rank: int, world_size: int) -> dict:
@@ -242,3 +258,68 @@ def test_tensor_parallel_slices_map_to_the_whole_parameter(shape, dim, chunks) -
                 assert torch.equal(whole.view(-1)[start : start + numel], local[at : at + numel])
                 covered += numel
             assert covered == hi - lo
+
+
+def _llama_worker(rank: int, world_size: int, root: str) -> dict:
+    """A Llama-equivalent GPT trained with PMA, its merge exported as a Hugging Face Llama, and
+    Megatron's forward of the merge to compare with."""
+    from pma_dist.integrations.megatron import attach
+
+    with megatron_on_cpu():
+        run = build("fp32", seed=5, llama=True)
+        merger = attach(run.model, run.optimizer, PMAConfig(**PMA))
+        for step in range(STEPS):
+            assert run.train_step(step, rank)
+        merger.export(f"{root}/hf", method="sma", config=llama_config())
+        with merger.swapped("sma"):
+            logits = run.forward()
+        teardown()
+    return {"logits": logits, "tokens": run_tokens()}
+
+
+def test_the_merge_of_a_llama_equivalent_gpt_exports_as_a_hugging_face_llama(tmp_path) -> None:
+    """The merge of 2 ranks' fp32 mains exported in Llama's names and layout (q/k/v split per
+    query group from ``linear_qkv``, gate/up from ``linear_fc1``) loads in transformers with
+    logits equal to Megatron's forward of the merged weights within 1e-4 relative."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    result = run_ranks(_llama_worker, 2, str(tmp_path), timeout=300)[0]
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    saved = {}
+    for file in (tmp_path / "hf").glob("*.safetensors"):
+        saved.update(load_file(file))
+    assert set(saved) == set(hf.state_dict()), set(saved) ^ set(hf.state_dict())
+    with torch.no_grad():
+        logits = hf(result["tokens"]).logits
+    error = float((logits - result["logits"]).norm() / result["logits"].norm())
+    assert error < 1e-4, f"transformers' logits differ from Megatron's by {error:.2e}"
+
+
+@pytest.mark.parametrize("spec", ["local", "transformer_engine"])
+def test_megatron_names_map_to_llama_names(spec: str) -> None:
+    """Both specs' norm names, and the fused tensors split by the attention geometry."""
+    from pma_dist.backends._megatron_names import LlamaLayout
+
+    layout = LlamaLayout(heads=4, groups=2, head_dim=3)
+    norms = {
+        "local": ("input_layernorm.weight", "pre_mlp_layernorm.weight"),
+        "transformer_engine": (
+            "self_attention.linear_qkv.layer_norm_weight",
+            "mlp.linear_fc1.layer_norm_weight",
+        ),
+    }[spec]
+    assert set(layout.convert(f"decoder.layers.3.{norms[0]}", torch.ones(5))) == {
+        "model.layers.3.input_layernorm.weight"
+    }
+    assert set(layout.convert(f"decoder.layers.3.{norms[1]}", torch.ones(5))) == {
+        "model.layers.3.post_attention_layernorm.weight"
+    }
+    rows = torch.arange(2 * (2 + 2) * 3).float().unsqueeze(1)  # group g: q q k v, 3 rows each
+    split = layout.convert("decoder.layers.0.self_attention.linear_qkv.weight", rows)
+    q, k, v = (split[f"model.layers.0.self_attn.{x}_proj.weight"].view(-1) for x in "qkv")
+    assert q.tolist() == [*range(0, 6), *range(12, 18)]
+    assert k.tolist() == [*range(6, 9), *range(18, 21)]
+    assert v.tolist() == [*range(9, 12), *range(21, 24)]
+    with pytest.raises(ValueError, match="no Llama counterpart"):
+        layout.convert("decoder.layers.0.mlp.router.weight", torch.ones(2, 2))

@@ -9,7 +9,9 @@ backend knows an engine: the rest of pma_dist sees :class:`Backend`, :class:`Sha
 Modules: ``_base`` (the interface and its vocabulary), ``_params`` (what every backend needs of
 a module), ``_plain``, ``_fsdp2``, ``_deepspeed`` (+ ``_deepspeed_names``; ``_deepspeed_probe``
 tells DeepSpeed objects apart without importing it), ``_megatron`` (+ ``_megatron_probe``, the
-same for Megatron-Core), ``_sources`` and ``_delivery`` (full tensors for export),
+same for Megatron-Core; ``_megatron_names``, its map to Llama's tensors), ``_releases``
+(the tested-release rule), ``_sources``, ``_delivery`` and ``_master_source`` (full tensors
+for export),
 ``_optimizers`` (unwrapping optimizer wrappers). Importing this face imports no engine, nor
 DTensor: the engine modules load when :func:`select_backend` asks them.
 """

@@ -151,3 +151,5 @@ class Backend(Protocol):
     # export (full tensors as the engine holds them in master precision); without it, export
     # reads the model's state dict. ``step_optimizers()`` returns the torch optimizers whose
     # ``step`` writes the shards (where the one under the optimizer's wrappers is not it).
+    # ``hf_convert()`` maps a full tensor of ``source()`` to a Hugging Face architecture's
+    # tensors (Megatron-Core's fused projections to Llama's).

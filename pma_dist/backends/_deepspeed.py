@@ -20,7 +20,7 @@ between minor versions, so only the tested range is accepted
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,9 +29,8 @@ from torch import nn
 from ._base import Fragment, Shard, canonical_name
 from ._deepspeed_names import expert_names, parameter_names
 from ._deepspeed_probe import check_version, is_deepspeed_engine, zero_optimizer_of
-from ._delivery import deliver_runs
+from ._master_source import FragmentSource
 from ._params import buffer_shards
-from ._sources import meta_state
 
 
 class DeepSpeedBackend:
@@ -143,9 +142,14 @@ class DeepSpeedBackend:
                 shapes.update((canonical_name(name), shape) for name in every)
         return shapes
 
-    def source(self) -> MasterSource:
-        """The engine's full fp32 masters (and buffers), for export."""
-        return MasterSource(self)
+    def source(self) -> FragmentSource:
+        """The engine's full fp32 masters (and buffers), for export: experts under global
+        ids (``ep_rank * num_local_experts + local_id``)."""
+        params = _param_names(self._module)
+        buffers = {
+            canonical_name(n): b for n, b in self._module.state_dict().items() if n not in params
+        }
+        return FragmentSource(self._module, self, self.master_shapes(), buffers)
 
     def begin_write(self) -> None:
         pass
@@ -161,59 +165,6 @@ class DeepSpeedBackend:
         for sg in range(len(zo.fp16_groups)):
             zo._reassign_or_swap_out_partitioned_parameters(sg)
         zo.checkpoint_event_epilogue()
-
-
-class MasterSource:
-    """Full fp32 parameters put together from the master fragments the ranks hold (each
-    element on exactly one rank), on the ranks that write them, under global names (MoE
-    experts numbered ``ep_rank * num_local_experts + local_id``), and the module's buffers."""
-
-    dcp_state = None
-
-    def __init__(self, backend: DeepSpeedBackend) -> None:
-        self.module = backend._module
-        self.backend = backend
-        self.shapes = backend.master_shapes()
-        params = _param_names(self.module)
-        self.buffers = {
-            canonical_name(n): b for n, b in self.module.state_dict().items() if n not in params
-        }
-
-    def meta(self) -> dict[str, torch.Tensor]:
-        out = {
-            n: torch.empty(s, dtype=torch.float32, device="meta") for n, s in self.shapes.items()
-        }
-        out.update(meta_state(self.buffers))
-        return out
-
-    def tensors(self, names: Iterable[str], writers=None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each full master on the ranks that write it (``writers``, per name; without, every
-        rank), a meta tensor elsewhere: each holder sends its runs there
-        (:func:`~.delivery.deliver_runs`). Collective."""
-        from .. import _comm as comm
-
-        pieces: dict[str, list[tuple[torch.Tensor, int]]] = {}
-        for shard in self.backend.shards():
-            for f in shard.fragments if not shard.buffer else ():
-                flat = shard.local.view(-1)[f.local_start : f.local_start + f.numel]
-                pieces.setdefault(f.param, []).append((flat, f.start))
-        group = comm.default_group()
-        world = range(comm.world_size(group))
-        most = comm.max_over_ranks(max((len(p) for p in pieces.values()), default=0), group)
-        with torch.no_grad():
-            for name in names:
-                if name in self.buffers:
-                    yield name, self.buffers[name].detach()
-                    continue
-                runs, shape = pieces.get(name, []), self.shapes[name]
-                if group is None:
-                    full = torch.empty(math.prod(shape), dtype=torch.float32)
-                    for piece, start in runs:
-                        full[start : start + piece.numel()] = piece
-                    yield name, full.view(shape)
-                    continue
-                targets = writers[name] if writers is not None else world
-                yield name, deliver_runs(runs, shape, targets, dist.get_rank(), group, most)
 
 
 def _param_names(module: nn.Module) -> set[str]:

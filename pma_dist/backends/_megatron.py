@@ -30,14 +30,16 @@ elsewhere are refused by name.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._base import Fragment, Shard, canonical_name
+from ._base import Fragment, Shard, canonical_name, floating_buffers
+from ._master_source import FragmentSource
+from ._megatron_names import LlamaLayout
 from ._megatron_probe import check_version, is_megatron_optimizer
 from ._params import buffer_shards
 
@@ -62,6 +64,7 @@ class MegatronBackend:
             parallel_state.get_tensor_model_parallel_world_size(),
         )
         self._fragments: dict[int, tuple[Fragment, ...]] = {}
+        self._config = getattr(self._chunks[0] if self._chunks else model, "config", None)
 
     def shards(self) -> list[Shard]:
         out = []
@@ -101,6 +104,38 @@ class MegatronBackend:
             Fragment(name, layout.global_shape, start, numel, local - span.start)
             for start, numel, local in layout.runs(span.start, span.end)
         )
+
+    def master_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every trained parameter's whole shape, by name (tensor-parallel slices made whole),
+        from this rank alone."""
+        out = {}
+        for name, param in self._model.named_parameters():
+            shape = tuple(param.shape)
+            if getattr(param, "tensor_model_parallel", False) and self._tp[1] > 1:
+                stride = getattr(param, "partition_stride", 1)
+                shape = SliceLayout(shape, param.partition_dim, *self._tp, stride).global_shape
+            if param.requires_grad:
+                out[canonical_name(name)] = shape
+        return out
+
+    def source(self) -> FragmentSource:
+        """The full fp32 mains (and floating buffers), for export: each element sent by the
+        one rank whose main holds it (tensor-parallel rank 0 for the parameters every
+        tensor-parallel rank holds whole)."""
+        whole = {
+            canonical_name(n)
+            for n, p in self._model.named_parameters()
+            if not getattr(p, "tensor_model_parallel", False)
+        }
+        replica = self._tp[0] > 0
+        buffers = dict(floating_buffers(self._model)) if self._buffers else {}
+        sends = lambda shard: not (replica and shard.name in whole)  # noqa: E731
+        return FragmentSource(self._model, self, self.master_shapes(), buffers, sends)
+
+    def hf_convert(self) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """How each full main becomes the tensors of a Hugging Face Llama checkpoint (a
+        Llama-equivalent GPTModel: ``_megatron_names``)."""
+        return LlamaLayout.of(self._config).convert
 
     def step_optimizers(self) -> list[torch.optim.Optimizer]:
         """The torch optimizers whose ``step`` writes the mains."""

@@ -9,9 +9,16 @@ collective commits), ``_manifest`` and ``_verify``, ``_sources`` and ``_offline`
 checkpoints back), ``_progress``.
 """
 
-from ._atomic import ExportError
+from ._atomic import ExportError, commit_collectively
 from ._manifest import MANIFEST
 from ._pipeline import convert_to_hf, export_model
 from ._verify import verify_export
 
-__all__ = ["ExportError", "MANIFEST", "convert_to_hf", "export_model", "verify_export"]
+__all__ = [
+    "ExportError",
+    "MANIFEST",
+    "commit_collectively",
+    "convert_to_hf",
+    "export_model",
+    "verify_export",
+]

@@ -28,6 +28,22 @@ INDEX_NAME = "model.safetensors.index.json"
 Convert = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
+@dataclass
+class HFOptions:
+    """How an HF directory is written."""
+
+    dtype: torch.dtype | None
+    """Cast of floating tensors (None: as they are)."""
+    max_shard_size: int | str
+    """Largest safetensors file."""
+    original_format: bool
+    """Write the architecture's hub names (per-expert MoE weights) rather than in-memory ones."""
+    progress: bool
+    """Show a progress bar on the writing ranks."""
+    convert: Convert | None = None
+    """Source tensor to output tensors, in place of the architecture's conversion."""
+
+
 def is_transformers_model(model: nn.Module | None) -> bool:
     try:
         from transformers import PreTrainedModel
@@ -107,11 +123,14 @@ def plan_hf(
     dtype: torch.dtype | None,
     max_shard_size: int | str,
     convert: Convert,
+    source_names: bool = True,
 ) -> HFPlan:
-    """Plan the files for ``meta`` (name -> meta tensor of the full shape)."""
+    """Plan the files for ``meta`` (name -> meta tensor of the full shape); aliases of tied
+    weights are dropped where ``meta`` has the architecture's names (``source_names``: not
+    under a conversion of another model's tensors)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    kept = drop_tied(meta, model)
+    kept = drop_tied(meta, model) if source_names else dict(meta)
     outputs: dict[str, torch.Tensor] = {}
     for name, tensor in kept.items():
         for out_name, out in convert(name, tensor).items():

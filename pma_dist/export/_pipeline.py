@@ -4,7 +4,6 @@ process) to an atomic Hugging Face directory or DCP checkpoint."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,8 @@ from .. import _comm as comm
 from ..backends import TensorSource
 from ._atomic import ExportError, commit_collectively, ensure_space
 from ._hf_plan import (
+    Convert,
+    HFOptions,
     HFPlan,
     converter,
     is_transformers_model,
@@ -47,6 +48,7 @@ def export_model(
     progress: bool = True,
     source: TensorSource | None = None,
     group: dist.ProcessGroup | None = None,
+    convert: Convert | None = None,
 ) -> Path:
     """Write ``model``'s current weights to ``path`` atomically. Collective over ``group``.
 
@@ -63,7 +65,9 @@ def export_model(
     it a model that is not a transformers model (a DeepSpeed MoE, say) exports as one.
     ``source`` is where the tensors come from (a backend's ``source()``; default: the
     model's engine's, so DeepSpeed engines export their fp32 masters, MoE experts under global
-    ids).
+    ids). ``convert`` maps each source tensor to the output tensors (a fused tensor split into
+    several, as a Megatron GPTModel's ``linear_qkv`` into Llama's ``q_proj``, ``k_proj`` and
+    ``v_proj``), in place of the architecture's own conversion.
     """
     if format not in FORMATS:
         raise ValueError(f"format={format!r}: must be one of {', '.join(FORMATS)}")
@@ -95,7 +99,7 @@ def export_model(
         meta,
         tensors,
         architecture,
-        HFOptions(dtype, max_shard_size, original_format, progress),
+        HFOptions(dtype, max_shard_size, original_format, progress, convert),
         (config, tokenizer, generation_config),
         info,
         group,
@@ -250,20 +254,6 @@ def convert_to_hf(
     )
 
 
-@dataclass
-class HFOptions:
-    """How an HF directory is written."""
-
-    dtype: torch.dtype | None
-    """Cast of floating tensors (None: as they are)."""
-    max_shard_size: int | str
-    """Largest safetensors file."""
-    original_format: bool
-    """Write the architecture's hub names (per-expert MoE weights) rather than in-memory ones."""
-    progress: bool
-    """Show a progress bar on the writing ranks."""
-
-
 def write_hf(
     path: Path,
     meta: dict[str, torch.Tensor],
@@ -279,13 +269,14 @@ def write_hf(
     """The one HF pipeline, for live exports and offline conversion: plan the files from
     ``meta``, stream ``tensors(plan.sources)`` to the writing ranks, write the index and the
     model files (``config``, ``tokenizer``, ``generation_config``), commit atomically."""
-    convert = converter(architecture, options.original_format)
+    convert = options.convert or converter(architecture, options.original_format)
     plan = plan_hf(
         meta,
         architecture,
         dtype=options.dtype,
         max_shard_size=options.max_shard_size,
         convert=convert,
+        source_names=options.convert is None,
     )
     rank, world = (0, 1) if single_process else (comm.rank(group), comm.world_size(group))
 

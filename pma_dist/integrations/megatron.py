@@ -12,18 +12,22 @@ the instance, over its class's method); :func:`detach` deletes it again and clos
 Swaps (``merger.swapped()``), ``apply`` and merges work as everywhere; a swap writes the merge
 into the mains and all-gathers the model parameters as Megatron's step does, and puts the
 originals back bitwise. Per-rank ``merger.save``/``load`` reshard to any data-parallel size.
+:func:`export_checkpoint` writes the merge as a Megatron ``torch_dist`` checkpoint.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..backends import is_megatron_optimizer
 from ..config import PMAConfig
+from ..core import MergeSpec
+from ..export import commit_collectively
 from ..merger import Merger
 
 _ATTACHED: weakref.WeakKeyDictionary[Merger, Any] = weakref.WeakKeyDictionary()
@@ -75,6 +79,47 @@ def detach(merger: Merger) -> None:
     if optimizer is not None and "step" in vars(optimizer):
         del optimizer.step
     merger.close()
+
+
+def export_checkpoint(
+    merger: Merger, path: str | Path, method: Any = None, *, weights: Any = None,
+    last: int | None = None, stride: int | None = None,
+) -> Path:  # fmt: skip
+    """Write the merge (as :meth:`~pma_dist.Merger.swapped` takes it) to ``path`` as a
+    Megatron ``torch_dist`` checkpoint of the model: ``dist_checkpointing.save`` of the
+    unwrapped model's ``sharded_state_dict()`` with the merge swapped in, so
+    ``dist_checkpointing.load`` reads it into a fresh model at any parallel layout, and
+    Megatron's converters take it from there. The weights are the model's (bf16 models: the
+    merge rounded to bf16, as Megatron's model checkpoints hold them). Atomic: ``path`` is
+    replaced only once the whole checkpoint is written (with a manifest). Collective."""
+    from megatron.core import dist_checkpointing
+
+    optimizer = _ATTACHED.get(merger)
+    if optimizer is None:
+        raise ValueError("export_checkpoint: this Merger was not made by attach (or is detached)")
+    spec = MergeSpec(method, last, stride, weights) if not isinstance(method, MergeSpec) else method
+    history = [list(h) for h in merger.selection(spec=spec)]
+    named = "weights" if spec.weights is not None else spec.method or merger.config.method
+    info = {"kind": "megatron torch_dist", "pma": {"method": named, "history": history}}
+    with merger.swapped(spec):
+        state = _unwrapped(merger._model).sharded_state_dict()
+
+        def write(directory: Path) -> dict:
+            dist_checkpointing.save(state, str(directory))
+            return {}
+
+        return commit_collectively(Path(path), write, None, info, merger.process_group)
+
+
+def _unwrapped(chunk: nn.Module) -> nn.Module:
+    """The model under Megatron's DDP and half-precision wrappers (a ``GPTModel``), whose
+    checkpoint keys a fresh model of the architecture has."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+        chunk = chunk.module
+    return chunk
 
 
 def _succeeded(result: Any) -> bool:

@@ -179,7 +179,7 @@ class Readouts:
                 info={"pma": info},
                 source=self.backend.source() if hasattr(self.backend, "source") else None,
                 group=self.process_group,
-                **options,
+                **{"convert": _hf_convert(self.backend, format), **options},
             )
 
     def _weights(self, spec: MergeSpec) -> list[float]:
@@ -192,6 +192,11 @@ class Readouts:
         config = self.config
         resolved = spec.resolved(config.method, config.last, config.stride)
         return self._state.weights(resolved, config.ema_alpha)
+
+
+def _hf_convert(backend, format: str):
+    """The backend's map of its tensors to a Hugging Face architecture's, if it has one."""
+    return backend.hf_convert() if format == "hf" and hasattr(backend, "hf_convert") else None
 
 
 def _spec(method: Method, weights: Weights, last: int | None, stride: int | None) -> MergeSpec:

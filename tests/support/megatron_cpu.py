@@ -121,10 +121,14 @@ class Run:
         return self.optimizer.step()[0]
 
     def forward(self) -> torch.Tensor:
-        """Logits of a fixed batch."""
-        tokens = torch.arange(SEQUENCE).remainder(VOCAB).expand(2, SEQUENCE)
+        """Logits of a fixed batch (:func:`run_tokens`)."""
         with torch.no_grad():
-            return self.model(tokens, torch.arange(SEQUENCE).expand(2, SEQUENCE), None)
+            return self.model(run_tokens(), torch.arange(SEQUENCE).expand(2, SEQUENCE), None)
+
+
+def run_tokens() -> torch.Tensor:
+    """The fixed batch :meth:`Run.forward` reads."""
+    return (torch.arange(2 * SEQUENCE) * 7).remainder(VOCAB).view(2, SEQUENCE)
 
 
 def build(
@@ -136,11 +140,14 @@ def build(
     tensor_parallel: int = 1,
     gated: bool = False,
     vocab: int = VOCAB,
+    llama: bool = False,
 ) -> Run:
     """A 2-layer GPT (hidden 24, ffn 96, vocabulary 37: sizes that do not divide by 2 or 4 ranks
     evenly across bucket shards) in ``dtype`` (fp32, bf16 or fp16), with ``experts`` MoE
     experts of ffn 40 (top-2, no biases) if any, a gated (SwiGLU) MLP if ``gated``, sliced over
-    ``tensor_parallel`` ranks (``vocab`` divisible by them), under Megatron's DDP and its
+    ``tensor_parallel`` ranks (``vocab`` divisible by them), Llama-equivalent if ``llama``
+    (:data:`LLAMA`: RMSNorm, SwiGLU, rotary positions, no biases, 2 key-value heads for 4
+    query heads; :func:`llama_config` is its ``LlamaConfig``), under Megatron's DDP and its
     distributed optimizer (or, without ``distributed``, its plain one). Call inside
     :func:`megatron_on_cpu` after ``torch.distributed`` is up; it (re)builds the model-parallel
     groups."""
@@ -170,9 +177,14 @@ def build(
         use_cpu_initialization=True, params_dtype=params_dtype, hidden_dropout=0.0,
         attention_dropout=0.0, tensor_model_parallel_size=tensor_parallel, **half, **moe,
         **({"gated_linear_unit": True, "activation_func": F.silu} if gated else {}),
+        **(LLAMA if llama else {}),
     )  # fmt: skip
-    layers = get_gpt_layer_local_spec(num_experts=experts or None, moe_grouped_gemm=False)
-    gpt = GPTModel(config, layers, vocab_size=vocab, max_sequence_length=16)
+    layers = get_gpt_layer_local_spec(
+        num_experts=experts or None, moe_grouped_gemm=False,
+        normalization=config.normalization,
+    )  # fmt: skip
+    rope = {"position_embedding_type": "rope"} if llama else {}
+    gpt = GPTModel(config, layers, vocab_size=vocab, max_sequence_length=16, **rope)
     if dtype != "fp32":  # as Megatron's get_model wraps a half-precision model
         gpt = Float16Module(config, gpt)
     ddp_config = DistributedDataParallelConfig(
@@ -184,6 +196,25 @@ def build(
         optimizer="adam", lr=lr, use_distributed_optimizer=distributed, **half, **scaling
     )
     return Run(model, get_megatron_optimizer(optimizer_config, [model]))
+
+
+LLAMA = {
+    "normalization": "RMSNorm", "gated_linear_unit": True, "activation_func": F.silu,
+    "add_bias_linear": False, "num_query_groups": 2,
+}  # fmt: skip
+"""What makes :func:`build`'s GPT Llama-equivalent (with rotary positions)."""
+
+
+def llama_config(vocab: int = VOCAB) -> Any:
+    """The ``LlamaConfig`` of :func:`build`'s Llama-equivalent GPT."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=24, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=6, rms_norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=16, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False,
+    )  # fmt: skip
 
 
 def teardown() -> None:
