@@ -6,8 +6,10 @@ Megatron-Core's CUDA code does; data and tensor parallelism, with the distribute
 1. ``attach(model, optimizer, config)`` right after ``get_megatron_optimizer``: each
    successful ``optimizer.step()`` counts a step's global tokens and takes a snapshot of the
    fp32 main shards when one is due (a step Megatron skips takes none).
-2. ``merger.swapped()`` evaluates the merge without stopping training; ``merger.save`` beside
-   Megatron's checkpoint keeps the average across a resume (at any data-parallel size).
+2. ``merger.swapped()`` evaluates the merge without stopping training; ``save_checkpoint``
+   keeps the average inside Megatron's checkpoint of an iteration (``check_checkpoint`` and
+   ``load_checkpoint`` resume it at any data- and tensor-parallel size), and
+   ``export_checkpoint`` writes the merge as a Megatron ``torch_dist`` checkpoint.
 
 The model is a small GPT on random tokens so that the script runs as it is; a real run keeps
 its own model, data and checkpointing and adds the lines marked PMA.
@@ -28,7 +30,7 @@ from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from pma_dist.integrations.megatron import attach, detach
+from pma_dist.integrations.megatron import attach, detach, export_checkpoint, save_checkpoint
 
 MICRO_BATCH, SEQUENCE, VOCAB, STEPS = 4, 256, 1024, 200
 PMA = {"method": "sma", "window": 10, "interval_steps": 20}
@@ -70,7 +72,8 @@ def main() -> None:
                 merged = model(batch[:, :-1], positions, None, labels=batch[:, 1:]).float().mean()
             if dist.get_rank() == 0:
                 print(f"step {step}: loss {float(loss):.4f}, merged {float(merged):.4f}")
-    merger.save("checkpoints/pma")  # PMA: per-rank files, loaded with merger.load(...)
+    save_checkpoint(merger, f"checkpoints/iter_{STEPS:07d}", STEPS)  # PMA: beside Megatron's
+    export_checkpoint(merger, "checkpoints/merged_torch_dist", "sma")  # PMA: the merge
     detach(merger)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()

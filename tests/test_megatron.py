@@ -323,3 +323,61 @@ def test_megatron_names_map_to_llama_names(spec: str) -> None:
     assert v.tolist() == [*range(9, 12), *range(21, 24)]
     with pytest.raises(ValueError, match="no Llama counterpart"):
         layout.convert("decoder.layers.0.mlp.router.weight", torch.ones(2, 2))
+
+
+def _checkpoint_worker(rank: int, world_size: int, root: str, mode: str) -> dict:
+    """``save``: 2 ranks train 3 steps and save Megatron's checkpoint with the average in it.
+    ``resume``: 1 rank refuses a corrupted copy before Megatron loads anything, then loads
+    Megatron's model and optimizer and the average, as Megatron-LM resumes."""
+    from pma_dist.errors import PMAStateError
+    from pma_dist.integrations import megatron as pma_megatron
+    from tests.support.megatron_cpu import load_checkpoint
+
+    out = {}
+    with megatron_on_cpu():
+        run = build("fp32", seed=3 if mode == "save" else 9)
+        merger = pma_megatron.attach(run.model, run.optimizer, PMAConfig(**PMA))
+        checkpoint = f"{root}/iter_0000003"
+        if mode == "save":
+            for step in range(3):
+                assert run.train_step(step, rank)
+            save_checkpoint(run, checkpoint, "dp_reshardable")
+            pma_megatron.save_checkpoint(merger, checkpoint, 3)
+        else:
+            try:
+                pma_megatron.check_checkpoint(merger, f"{root}/corrupt", 3)
+            except PMAStateError as err:
+                out["corrupt"] = str(err)
+            out["fresh"] = pma_megatron.load_checkpoint(merger, checkpoint, 3, fresh=True)
+            out["missing"] = pma_megatron.load_checkpoint(merger, checkpoint, 4)
+            assert pma_megatron.check_checkpoint(merger, checkpoint, 3)
+            load_checkpoint(run, checkpoint, "dp_reshardable")
+            assert pma_megatron.load_checkpoint(merger, checkpoint, 3)
+        out["merges"] = {m: assembled(merger, merger.merged_shards(m)) for m in ("sma", "wma")}
+        out["history"] = merger.history
+        teardown()
+    return out
+
+
+def test_the_average_rides_in_megatrons_checkpoint_and_resumes_at_another_size(
+    tmp_path: Path,
+) -> None:
+    """Saved inside Megatron's checkpoint at 2 data-parallel ranks and resumed with it at 1,
+    the average is the saved one bit for bit; a corrupted copy is refused before Megatron loads
+    anything; fresh=True and a checkpoint without an average of that iteration start afresh."""
+    import shutil
+
+    saved = run_ranks(_checkpoint_worker, 2, str(tmp_path), "save", timeout=300)[0]
+    files = tmp_path / "iter_0000003" / "pma_iter_0000003"
+    corrupt = tmp_path / "corrupt" / "pma_iter_0000003"
+    shutil.copytree(files, corrupt)
+    victim = max(corrupt.glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    resumed = run_ranks(_checkpoint_worker, 1, str(tmp_path), "resume", timeout=300)[0]
+    assert "corrupt" in resumed, "a corrupted average was not refused"
+    assert resumed["fresh"] is False and resumed["missing"] is False
+    assert resumed["history"] == saved["history"]
+    for method in ("sma", "wma"):
+        assert_bitwise_equal(resumed["merges"][method], saved["merges"][method], method)

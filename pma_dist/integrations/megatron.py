@@ -13,10 +13,16 @@ Swaps (``merger.swapped()``), ``apply`` and merges work as everywhere; a swap wr
 into the mains and all-gathers the model parameters as Megatron's step does, and puts the
 originals back bitwise. Per-rank ``merger.save``/``load`` reshard to any data-parallel size.
 :func:`export_checkpoint` writes the merge as a Megatron ``torch_dist`` checkpoint.
+
+The average rides with Megatron's checkpoints: :func:`save_checkpoint` writes it inside the
+iteration's checkpoint directory under a name that holds the iteration, and
+:func:`check_checkpoint` / :func:`load_checkpoint` read it back at any parallel layout, checked
+before Megatron loads anything; a checkpoint without it starts a fresh average with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,6 +35,9 @@ from ..config import PMAConfig
 from ..core import MergeSpec
 from ..export import commit_collectively
 from ..merger import Merger
+from ..state import has_files
+
+log = logging.getLogger("pma_dist")
 
 _ATTACHED: weakref.WeakKeyDictionary[Merger, Any] = weakref.WeakKeyDictionary()
 """The optimizer each attached Merger's step rides on."""
@@ -109,6 +118,52 @@ def export_checkpoint(
             return {}
 
         return commit_collectively(Path(path), write, None, info, merger.process_group)
+
+
+def checkpoint_directory(checkpoint_dir: str | Path, iteration: int) -> Path:
+    """Where :func:`save_checkpoint` keeps iteration ``iteration``'s averaging state inside
+    Megatron's checkpoint directory of that iteration: a name that holds the iteration, so
+    a resume never reads another iteration's average."""
+    return Path(checkpoint_dir) / f"pma_iter_{int(iteration):07d}"
+
+
+def save_checkpoint(merger: Merger, checkpoint_dir: str | Path, iteration: int) -> Path:
+    """Save the averaging state with Megatron's checkpoint of ``iteration`` in
+    ``checkpoint_dir`` (Megatron-LM's ``iter_0000100`` directory, or wherever
+    ``dist_checkpointing.save`` wrote it): one file per rank and an index, which reshard to
+    any data- and tensor-parallel size. Call it after Megatron's save and before the tracker
+    (``latest_checkpointed_iteration.txt``) names the iteration. Collective."""
+    return merger.save(checkpoint_directory(checkpoint_dir, iteration))
+
+
+def check_checkpoint(merger: Merger, checkpoint_dir: str | Path, iteration: int) -> bool:
+    """Whether Megatron's checkpoint of ``iteration`` holds an average for ``merger``; raises
+    ``PMAStateError`` if the one it holds is corrupted or does not fit this run. Changes
+    nothing: call it before Megatron loads anything, so a bad average stops the resume there
+    (a :func:`load_checkpoint` that follows reads the state once)."""
+    directory = checkpoint_directory(checkpoint_dir, iteration)
+    if not has_files(directory):
+        return False
+    merger.check_saved(directory)
+    return True
+
+
+def load_checkpoint(
+    merger: Merger, checkpoint_dir: str | Path, iteration: int, *, fresh: bool = False
+) -> bool:
+    """Resume the average saved with Megatron's checkpoint of ``iteration``; True when one was
+    loaded. With ``fresh`` (Megatron-LM's ``--finetune`` or ``--no-load-optim``: the
+    optimizer starts over), and where the checkpoint holds none (written without PMA, or a
+    crash came between Megatron's save and PMA's), the average starts afresh, with a warning.
+    Checked in full before anything changes (see :func:`check_checkpoint`). Collective."""
+    where = checkpoint_directory(checkpoint_dir, iteration)
+    if fresh or not check_checkpoint(merger, checkpoint_dir, iteration):
+        why = "fresh=True (a fine-tune, or no optimizer state loaded)" if fresh else (
+            f"{where} holds no averaging state")  # fmt: skip
+        log.warning("pma_dist: a fresh average from iteration %d: %s", iteration, why)
+        return False
+    merger.load(where)
+    return True
 
 
 def _unwrapped(chunk: nn.Module) -> nn.Module:

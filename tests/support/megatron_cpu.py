@@ -258,7 +258,7 @@ def assembled(merger: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
     return {name: value.view(shapes[name]) for name, value in full.items()}
 
 
-def save_checkpoint(run: Run, directory: str) -> None:
+def save_checkpoint(run: Run, directory: str, sharding: str = "fully_reshardable") -> None:
     """The model and optimizer as Megatron-LM saves them: ``dist_checkpointing.save`` of their
     sharded state dicts (the optimizer's mains laid out per parameter, ``fully_reshardable``).
     Collective."""
@@ -271,9 +271,25 @@ def save_checkpoint(run: Run, directory: str) -> None:
         os.makedirs(directory)
     dist.barrier()
     model = run.model.sharded_state_dict()
-    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+    metadata = {"distrib_optim_sharding_type": sharding}
     optimizer = run.optimizer.sharded_state_dict(model, metadata=metadata)
     dist_checkpointing.save({"model": model, "optimizer": optimizer}, directory)
+
+
+def load_checkpoint(run: Run, directory: str, sharding: str = "fully_reshardable") -> None:
+    """The model and optimizer from :func:`save_checkpoint`'s files, as Megatron-LM loads them
+    (at another data-parallel size too). Collective."""
+    from megatron.core import dist_checkpointing
+
+    for inner in run.optimizer.chained_optimizers:  # states to load into, as Megatron-LM has
+        inner._init_optimizer_states_with_dummy_values()
+    model = run.model.sharded_state_dict()
+    metadata = {"distrib_optim_sharding_type": sharding}
+    optimizer = run.optimizer.sharded_state_dict(model, is_loading=True, metadata=metadata)
+    state = dist_checkpointing.load({"model": model, "optimizer": optimizer}, directory)
+    run.model.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items()})
+    with torch.no_grad():  # fp32 mains are views of the parameters
+        run.optimizer.load_state_dict(state["optimizer"])
 
 
 def checkpoint_mains(directory: str) -> dict[str, torch.Tensor]:
