@@ -51,9 +51,9 @@ class MegatronBackend:
         check_version()
         self._model = model
         self._buffers = buffers
-        self.optimizers = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+        chained = getattr(optimizer, "chained_optimizers", [optimizer])
+        self.optimizers = [o for o in chained if not getattr(o, "is_stub_optimizer", False)]
         """The optimizers whose mains are averaged (stub optimizers, which own nothing, aside)."""
-        self.optimizers = [o for o in self.optimizers if not getattr(o, "is_stub_optimizer", False)]
         _refuse_unsupported(optimizer, self.optimizers)
         from megatron.core import parallel_state
 
@@ -95,11 +95,9 @@ class MegatronBackend:
         """Where this rank's range of ``param`` lies in the whole parameter: one run, or, for a
         tensor-parallel slice, a run per stretch that is contiguous in both."""
         span = opt._get_model_param_range_map(param)["param"]
-        shape = tuple(param.shape)
-        if not getattr(param, "tensor_model_parallel", False) or self._tp[1] == 1:
-            return (Fragment(name, shape, span.start, span.size),)
-        chunks = getattr(param, "partition_stride", 1)
-        layout = SliceLayout(shape, param.partition_dim, *self._tp, chunks=chunks)
+        layout = self._slice(param)
+        if layout is None:
+            return (Fragment(name, tuple(param.shape), span.start, span.size),)
         return tuple(
             Fragment(name, layout.global_shape, start, numel, local - span.start)
             for start, numel, local in layout.runs(span.start, span.end)
@@ -110,23 +108,24 @@ class MegatronBackend:
         from this rank alone."""
         out = {}
         for name, param in self._model.named_parameters():
-            shape = tuple(param.shape)
-            if getattr(param, "tensor_model_parallel", False) and self._tp[1] > 1:
-                stride = getattr(param, "partition_stride", 1)
-                shape = SliceLayout(shape, param.partition_dim, *self._tp, stride).global_shape
+            layout = self._slice(param)
             if param.requires_grad:
-                out[canonical_name(name)] = shape
+                out[canonical_name(name)] = layout.global_shape if layout else tuple(param.shape)
         return out
+
+    def _slice(self, param: torch.Tensor) -> SliceLayout | None:
+        """How ``param`` is this rank's tensor-parallel slice of a whole, or None when this
+        rank holds it whole."""
+        if not getattr(param, "tensor_model_parallel", False) or self._tp[1] == 1:
+            return None
+        stride = getattr(param, "partition_stride", 1)
+        return SliceLayout(tuple(param.shape), param.partition_dim, *self._tp, chunks=stride)
 
     def source(self) -> FragmentSource:
         """The full fp32 mains (and floating buffers), for export: each element sent by the
         one rank whose main holds it (tensor-parallel rank 0 for the parameters every
         tensor-parallel rank holds whole)."""
-        whole = {
-            canonical_name(n)
-            for n, p in self._model.named_parameters()
-            if not getattr(p, "tensor_model_parallel", False)
-        }
+        whole = {canonical_name(n) for n, p in self._model.named_parameters() if not self._slice(p)}
         replica = self._tp[0] > 0
         buffers = dict(floating_buffers(self._model)) if self._buffers else {}
         sends = lambda shard: not (replica and shard.name in whole)  # noqa: E731

@@ -32,7 +32,6 @@ from torch import nn
 
 from ..backends import is_megatron_optimizer
 from ..config import PMAConfig
-from ..core import MergeSpec
 from ..export import commit_collectively
 from ..merger import Merger
 from ..state import has_files
@@ -106,11 +105,9 @@ def export_checkpoint(
     optimizer = _ATTACHED.get(merger)
     if optimizer is None:
         raise ValueError("export_checkpoint: this Merger was not made by attach (or is detached)")
-    spec = MergeSpec(method, last, stride, weights) if not isinstance(method, MergeSpec) else method
-    history = [list(h) for h in merger.selection(spec=spec)]
-    named = "weights" if spec.weights is not None else spec.method or merger.config.method
-    info = {"kind": "megatron torch_dist", "pma": {"method": named, "history": history}}
-    with merger.swapped(spec):
+    merge = {"weights": weights, "last": last, "stride": stride}
+    info = {"kind": "megatron torch_dist", "pma": merger.describe_merge(method, **merge)}
+    with merger.swapped(method, **merge):
         state = _unwrapped(merger._model).sharded_state_dict()
 
         def write(directory: Path) -> dict:

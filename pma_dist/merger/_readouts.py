@@ -162,14 +162,7 @@ class Readouts:
         from ..export import export_model  # the writers load when a model is exported
 
         spec = _spec(method, weights, last, stride)
-        resolved = self._weights(spec)
-        merged = [h for h, w in zip(self.history, resolved) if w != 0]
-        info = {
-            "method": "weights" if spec.weights is not None else spec.method or self.config.method,
-            **{"mode": self._state.mode, "num_snapshots": self.num_snapshots},
-            **{"window_size": len(merged), "history": [list(h) for h in merged]},
-            "spacing_tokens": [b[1] - a[1] for a, b in zip(merged, merged[1:])],
-        }
+        info = self.describe_merge(spec)
         with self.swapped(spec):
             return export_model(
                 self._model,
@@ -181,6 +174,26 @@ class Readouts:
                 group=self.process_group,
                 **{"convert": _hf_convert(self.backend, format), **options},
             )
+
+    def describe_merge(
+        self,
+        method: Method = None,
+        weights: Weights = None,
+        *,
+        last: int | None = None,
+        stride: int | None = None,
+    ) -> dict[str, Any]:
+        """What a merge these arguments ask for is made of, as exports record it: its method,
+        the snapshots it weighs (``(step, tokens)``) and their spacing in tokens. Collective
+        when snapshots are pending."""
+        spec = _spec(method, weights, last, stride)
+        merged = [h for h, w in zip(self.history, self._weights(spec)) if w != 0]
+        return {
+            "method": "weights" if spec.weights is not None else spec.method or self.config.method,
+            **{"mode": self._state.mode, "num_snapshots": self.num_snapshots},
+            **{"window_size": len(merged), "history": [list(h) for h in merged]},
+            "spacing_tokens": [b[1] - a[1] for a, b in zip(merged, merged[1:])],
+        }
 
     def _weights(self, spec: MergeSpec) -> list[float]:
         self.agree()

@@ -8,6 +8,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
+from tests.support.fragments import assembled  # noqa: E402
 from tests.support.models import batch, loss_of, make_buffered_model, make_model  # noqa: E402
 
 MICRO_BATCH = 4
@@ -158,36 +159,9 @@ def gathered_fp32(engine) -> dict[str, torch.Tensor]:
 
 def assembled_fp32(engine) -> dict[str, torch.Tensor]:
     """Full fp32 parameters put together from the fragments the PMA backend reports on every
-    rank (all gathered): elements held by several ranks must agree, and every element of
-    every parameter must be covered."""
-    from pma_dist import _comm as comm
-
-    local = []
-    for shard in engine.pma.backend.shards():
-        if shard.buffer:
-            continue
-        flat = shard.local.detach().view(-1)
-        for f in shard.fragments:
-            local.append(
-                (f.param, f.shape, f.start, flat[f.local_start : f.local_start + f.numel].clone())
-            )
-    full: dict[str, torch.Tensor] = {}
-    seen: dict[str, torch.Tensor] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for part in comm.gather_objects(local):
-        for name, shape, start, values in part:
-            if name not in full:
-                shapes[name] = tuple(shape)
-                full[name] = torch.zeros(shape).view(-1)
-                seen[name] = torch.zeros(full[name].numel(), dtype=torch.bool)
-            piece = full[name][start : start + values.numel()]
-            covered = seen[name][start : start + values.numel()]
-            assert torch.equal(piece[covered], values[covered]), f"replicas of {name} differ"
-            piece.copy_(values)
-            covered.fill_(True)
-    missing = [n for n, s in seen.items() if not bool(s.all())]
-    assert not missing, f"fragments do not cover {missing}"
-    return {name: flat.view(shapes[name]) for name, flat in full.items()}
+    rank (all gathered; :func:`tests.support.fragments.assembled`)."""
+    shards = engine.pma.backend.shards()
+    return assembled(shards, {s.name: s.local for s in shards})
 
 
 def moe_run(rank: int, world_size: int, pma: dict, steps: int = 4) -> dict:

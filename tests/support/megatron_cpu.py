@@ -16,7 +16,6 @@ parameters' sizes do not divide by the world size), its Megatron DDP wrapper and
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from tests.support.fragments import assembled as assembled_fragments
 
 VOCAB = 37
 SEQUENCE = 8
@@ -226,36 +227,9 @@ def teardown() -> None:
 
 def assembled(merger: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Full float32 parameters from each rank's ``tensors`` (keyed like ``merger.names``, shaped
-    like its shards: ``merger.merged_shards()``, or the live mains), put together at the
-    offsets the backend reports, all ranks gathered; every element covered, and the replicas
-    of an element (tensor-parallel ranks hold the norms whole) equal."""
-    from pma_dist import _comm as comm
-
-    local = []
-    for shard in merger.backend.shards():
-        if shard.buffer:
-            continue
-        flat = tensors[shard.name].detach().reshape(-1)
-        for f in shard.fragments:
-            piece = flat[f.local_start : f.local_start + f.numel].float().clone()
-            local.append((f.param, f.shape, f.start, piece))
-    full: dict[str, torch.Tensor] = {}
-    times: dict[str, torch.Tensor] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for part in comm.gather_objects(local):
-        for name, shape, start, values in part:
-            if name not in full:
-                shapes[name] = tuple(shape)
-                full[name] = torch.zeros(math.prod(shape))
-                times[name] = torch.zeros(math.prod(shape), dtype=torch.int64)
-            held = times[name][start : start + values.numel()] > 0
-            before = full[name][start : start + values.numel()]
-            assert torch.equal(before[held], values[held]), f"replicas of {name} differ"
-            full[name][start : start + values.numel()] = values
-            times[name][start : start + values.numel()] += 1
-    for name, count in times.items():
-        assert bool((count >= 1).all()), f"{name}: some elements are held by no rank"
-    return {name: value.view(shapes[name]) for name, value in full.items()}
+    like its shards: ``merger.merged_shards()``, or the live mains), all ranks gathered
+    (:func:`tests.support.fragments.assembled`; tensor-parallel ranks hold the norms whole)."""
+    return assembled_fragments(merger.backend.shards(), tensors)
 
 
 def save_checkpoint(run: Run, directory: str, sharding: str = "fully_reshardable") -> None:
