@@ -328,7 +328,8 @@ def test_megatron_names_map_to_llama_names(spec: str) -> None:
 def _checkpoint_worker(rank: int, world_size: int, root: str, mode: str) -> dict:
     """``save``: 2 ranks train 3 steps and save Megatron's checkpoint with the average in it.
     ``resume``: 1 rank refuses a corrupted copy before Megatron loads anything, then loads
-    Megatron's model and optimizer and the average, as Megatron-LM resumes."""
+    Megatron's model and optimizer and the average, as Megatron-LM resumes. Both then train 2
+    more steps on the same global batches."""
     from pma_dist.errors import PMAStateError
     from pma_dist.integrations import megatron as pma_megatron
     from tests.support.megatron_cpu import load_checkpoint
@@ -355,6 +356,10 @@ def _checkpoint_worker(rank: int, world_size: int, root: str, mode: str) -> dict
             assert pma_megatron.load_checkpoint(merger, checkpoint, 3)
         out["merges"] = {m: assembled(merger, merger.merged_shards(m)) for m in ("sma", "wma")}
         out["history"] = merger.history
+        for step in (3, 4):  # on, uninterrupted at 2 ranks; at 1, on both ranks' batches
+            assert run.train_step(step, rank if mode == "save" else (0, 1))
+        out["continued"] = {m: assembled(merger, merger.merged_shards(m)) for m in ("sma", "wma")}
+        out["mains"] = assembled(merger, _mains(merger))
         teardown()
     return out
 
@@ -363,8 +368,10 @@ def test_the_average_rides_in_megatrons_checkpoint_and_resumes_at_another_size(
     tmp_path: Path,
 ) -> None:
     """Saved inside Megatron's checkpoint at 2 data-parallel ranks and resumed with it at 1,
-    the average is the saved one bit for bit; a corrupted copy is refused before Megatron loads
-    anything; fresh=True and a checkpoint without an average of that iteration start afresh."""
+    the average is the saved one bit for bit, and 2 steps on it merges as the uninterrupted
+    2-rank run does (within the rounding of one rank's gradient sum against two); a corrupted
+    copy is refused before Megatron loads anything; fresh=True and a checkpoint without an
+    average of that iteration start afresh."""
     import shutil
 
     saved = run_ranks(_checkpoint_worker, 2, str(tmp_path), "save", timeout=300)[0]
@@ -379,5 +386,8 @@ def test_the_average_rides_in_megatrons_checkpoint_and_resumes_at_another_size(
     assert "corrupt" in resumed, "a corrupted average was not refused"
     assert resumed["fresh"] is False and resumed["missing"] is False
     assert resumed["history"] == saved["history"]
+    assert_close_rel(resumed["mains"], saved["mains"], 1e-3, "mains trained on")
     for method in ("sma", "wma"):
         assert_bitwise_equal(resumed["merges"][method], saved["merges"][method], method)
+        continued = resumed["continued"][method]
+        assert_close_rel(continued, saved["continued"][method], 1e-3, f"{method} continued")

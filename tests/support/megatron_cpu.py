@@ -16,7 +16,7 @@ parameters' sizes do not divide by the world size), its Megatron DDP wrapper and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,12 +105,14 @@ class Run:
     model: Any
     optimizer: Any
 
-    def train_step(self, step: int, rank: int, overflow: bool = False) -> bool:
-        """One step on this rank's batch of step ``step`` (with ``overflow``, an Inf gradient);
-        whether Megatron updated the parameters."""
-        generator = torch.Generator().manual_seed(1000 * step + rank)
-        tokens = torch.randint(0, VOCAB, (2, SEQUENCE + 1), generator=generator)
-        positions = torch.arange(SEQUENCE).expand(2, SEQUENCE)
+    def train_step(self, step: int, rank: int | Sequence[int], overflow: bool = False) -> bool:
+        """One step on the batch of step ``step`` of data-parallel rank ``rank`` (several: their
+        batches together, as one rank trains what they did; with ``overflow``, an Inf
+        gradient); whether Megatron updated the parameters."""
+        ranks = [rank] if isinstance(rank, int) else list(rank)
+        seeds = [torch.Generator().manual_seed(1000 * step + r) for r in ranks]
+        tokens = torch.cat([torch.randint(0, VOCAB, (2, SEQUENCE + 1), generator=g) for g in seeds])
+        positions = torch.arange(SEQUENCE).expand(len(tokens), SEQUENCE)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self.model(tokens[:, :-1], positions, None, labels=tokens[:, 1:]).float().mean()
@@ -252,7 +254,12 @@ def save_checkpoint(run: Run, directory: str, sharding: str = "fully_reshardable
 
 def load_checkpoint(run: Run, directory: str, sharding: str = "fully_reshardable") -> None:
     """The model and optimizer from :func:`save_checkpoint`'s files, as Megatron-LM loads them
-    (at another data-parallel size too). Collective."""
+    (at another data-parallel size too). Collective.
+
+    Torch's Adam, Megatron's optimizer where neither Transformer Engine nor Apex is (the CPU),
+    counts steps per parameter, and Megatron 0.16 restores only its groups' count (the one its
+    GPU optimizers read): each parameter's count is set from its group (a tensor of its own,
+    as Adam counts in place), or the resumed bias correction would be the dummy states'."""
     from megatron.core import dist_checkpointing
 
     for inner in run.optimizer.chained_optimizers:  # states to load into, as Megatron-LM has
@@ -264,6 +271,12 @@ def load_checkpoint(run: Run, directory: str, sharding: str = "fully_reshardable
     run.model.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items()})
     with torch.no_grad():  # fp32 mains are views of the parameters
         run.optimizer.load_state_dict(state["optimizer"])
+    for inner in run.optimizer.chained_optimizers:
+        adam = inner.optimizer
+        for group in adam.param_groups:
+            for param in group["params"]:
+                state = adam.state[param]
+                state["step"] = torch.full_like(state["step"], group["step"])  # one each
 
 
 def checkpoint_mains(directory: str) -> dict[str, torch.Tensor]:
